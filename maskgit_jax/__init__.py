@@ -1,0 +1,3 @@
+"""maskgit_jax: train and sample MaskGIT (arXiv 2202.04200) in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,187 @@
+"""Bidirectional transformer for masked visual token modeling (BERT form).
+
+Structure of the official MaskGIT transformer, so its checkpoints map onto
+this module by renaming and stacking arrays (no numerical change):
+
+  token + position embedding -> LayerNorm -> dropout
+  L x [self-attention -> dropout -> add -> LayerNorm,
+       Dense -> GELU(tanh) -> Dense -> dropout -> add -> LayerNorm]   (post-LN)
+  Dense -> GELU(tanh) -> LayerNorm -> logits = h @ token_embedding.T + bias
+
+All LayerNorms use epsilon 1e-12 (BERT). Sequence layout: position 0 holds
+the class token (codebook_size + label), positions 1..N the image tokens, and
+`mask_token_id` (-1) the unknown ones. Id -1 selects the last embedding row,
+exactly as indexing the official embedding with -1 does, so the vocabulary is
+codebook_size + num_classes + 1 with the mask token last. The unconditional
+input for classifier-free guidance puts the mask token in the class slot.
+
+Attention is written heads-first with one fused QKV projection: on XLA:CPU
+that layout runs its matmuls on all cores (flax's MultiHeadDotProductAttention
+as the official model uses it ran them on one); the parameters keep the
+official shapes ([H, heads, head_dim] per projection, stacked on axis 1).
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LAYERNORM_EPSILON = 1e-12
+MASK_TOKEN_ID = -1
+
+Dtype = Any
+
+
+def truncated_normal(stddev: float) -> Callable:
+  """BERT's initializer: normal truncated at two standard deviations."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) * stddev
+  return init
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """GELU with the tanh approximation, as BERT and the official model use."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with fused QKV, computed heads-first."""
+  num_heads: int
+  dropout_rate: float = 0.0
+  kernel_init: Callable = truncated_normal(0.02)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    hidden = x.shape[-1]
+    if hidden % self.num_heads:
+      raise ValueError(f"hidden size {hidden} is not divisible by num_heads="
+                       f"{self.num_heads}.")
+    head_dim = hidden // self.num_heads
+    qkv_kernel = self.param("qkv_kernel", self.kernel_init,
+                            (hidden, 3, self.num_heads, head_dim))
+    qkv_bias = self.param("qkv_bias", nn.initializers.zeros,
+                          (3, self.num_heads, head_dim))
+    out_kernel = self.param("out_kernel", self.kernel_init,
+                            (self.num_heads, head_dim, hidden))
+    out_bias = self.param("out_bias", nn.initializers.zeros, (hidden,))
+    x, qkv_kernel, qkv_bias, out_kernel, out_bias = nn.dtypes.promote_dtype(
+        x, qkv_kernel, qkv_bias, out_kernel, out_bias, dtype=self.dtype)
+
+    # [3, B, heads, S, head_dim]: each (example, head) is one contiguous
+    # matrix, so the attention matmuls below are plain batched GEMMs.
+    qkv = jnp.einsum("bsx,xtnd->tbnsd", x, qkv_kernel)
+    qkv = qkv + qkv_bias[:, None, :, None, :]
+    query, key, value = qkv[0], qkv[1], qkv[2]
+    query = query * jnp.asarray(head_dim**-0.5, query.dtype)
+    logits = jnp.einsum("bnqd,bnkd->bnqk", query, key)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic)
+    context = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(self.dtype), value)
+    return jnp.einsum("bnsd,ndx->bsx", context, out_kernel) + out_bias
+
+
+class TransformerLayer(nn.Module):
+  """Post-LN encoder layer: attention and MLP, each added then normalised."""
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float
+  attention_dropout_rate: float
+  kernel_init: Callable
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    hidden = x.shape[-1]
+    layer_norm = lambda name: nn.LayerNorm(
+        epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name=name)
+    dense = lambda features, name: nn.Dense(
+        features, kernel_init=self.kernel_init, dtype=self.dtype, name=name)
+
+    attended = SelfAttention(self.num_heads, self.attention_dropout_rate,
+                             self.kernel_init, self.dtype,
+                             name="attention")(x, deterministic)
+    attended = nn.Dropout(self.dropout_rate)(attended, deterministic)
+    x = layer_norm("attention_ln")(attended + x)
+
+    h = gelu(dense(self.mlp_dim, "mlp_in")(x))
+    h = dense(hidden, "mlp_out")(h)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic)
+    return layer_norm("mlp_ln")(h + x)
+
+
+class MaskGITTransformer(nn.Module):
+  """Class-conditional bidirectional transformer over image tokens.
+
+  Input: int tokens [B, 1 + num_tokens] (class token first, -1 = mask).
+  Output: float32 logits [B, 1 + num_tokens, vocab_size]; image codes are the
+  first `codebook_size` entries of the last axis.
+  """
+  codebook_size: int
+  num_classes: int
+  num_tokens: int
+  hidden_size: int = 768
+  num_layers: int = 24
+  num_heads: int = 16
+  mlp_dim: int = 3072
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  initializer_range: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @property
+  def vocab_size(self) -> int:
+    """Image codes, then one id per class, then the mask token."""
+    return self.codebook_size + self.num_classes + 1
+
+  @property
+  def seq_len(self) -> int:
+    return self.num_tokens + 1
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray,
+               deterministic: bool = True) -> jnp.ndarray:
+    if tokens.shape[-1] != self.seq_len:
+      raise ValueError(
+          f"expected {self.seq_len} tokens per example (class token + "
+          f"{self.num_tokens} image tokens), got shape {tokens.shape}.")
+    init = truncated_normal(self.initializer_range)
+    token_embedding = self.param("token_embedding", init,
+                                 (self.vocab_size, self.hidden_size))
+    position_embedding = self.param("position_embedding", init,
+                                    (self.seq_len, self.hidden_size))
+    # Negative ids index from the end, as in the official model: -1 -> mask.
+    tokens = tokens.astype(jnp.int32)
+    ids = jnp.where(tokens < 0, tokens + self.vocab_size, tokens)
+    x = jnp.take(token_embedding, ids, axis=0) + position_embedding
+    x = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype,
+                     name="embedding_ln")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic)
+
+    for i in range(self.num_layers):
+      x = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout_rate,
+                           self.attention_dropout_rate, init, self.dtype,
+                           name=f"layer_{i}")(x, deterministic)
+
+    h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype,
+                 name="head_dense")(x)
+    h = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype,
+                     name="head_ln")(gelu(h))
+    head_bias = self.param("head_bias", nn.initializers.zeros,
+                           (self.vocab_size,))
+    logits = jnp.einsum("bsx,vx->bsv", h,
+                        token_embedding.astype(self.dtype))
+    return logits.astype(jnp.float32) + head_bias
+
+
+def class_token(labels: jnp.ndarray, codebook_size: int) -> jnp.ndarray:
+  """The class token id of each label: codebook_size + label."""
+  return jnp.asarray(labels, jnp.int32) + codebook_size
+
+
+def with_class_token(image_tokens: jnp.ndarray, labels: jnp.ndarray,
+                     codebook_size: int) -> jnp.ndarray:
+  """Prepends the class token: [B, N] + [B] -> [B, 1 + N]."""
+  cls = class_token(labels, codebook_size)[:, None]
+  return jnp.concatenate([cls, image_tokens.astype(jnp.int32)], axis=1)

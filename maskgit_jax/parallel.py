@@ -1,0 +1,65 @@
+"""Device mesh and batch shardings (jit + NamedSharding; no pmap).
+
+Axes: `data` (pure data parallelism), `fsdp` (data parallel with sharded
+parameters) and optionally `model`. The batch is split over every data-like
+axis. Meshes use Auto axis types, i.e. GSPMD propagation (jax >= 0.10 makes
+Explicit the default).
+"""
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS_NAMES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+
+def create_mesh(axis_sizes: Optional[Mapping[str, int]] = None,
+                devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """Builds a mesh over `devices` (default: all) with the given axis sizes.
+
+  One size may be -1, meaning "all remaining devices"; with no sizes the mesh
+  is all devices on `data`. Example: {"data": -1, "fsdp": 2}.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = dict(axis_sizes or {"data": -1})
+  unknown = [name for name in sizes if name not in AXIS_NAMES]
+  if unknown:
+    raise ValueError(f"Unknown mesh axes {unknown}; valid axes: {AXIS_NAMES}.")
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got {sizes}.")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if len(devices) % fixed:
+      raise ValueError(f"{len(devices)} devices cannot be split into mesh "
+                       f"{sizes}: {len(devices)} is not divisible by {fixed}.")
+    sizes[free[0]] = len(devices) // fixed
+  if math.prod(sizes.values()) != len(devices):
+    raise ValueError(f"Mesh {sizes} needs {math.prod(sizes.values())} devices, "
+                     f"but {len(devices)} are available.")
+  names = tuple(name for name in AXIS_NAMES if name in sizes)
+  shape = tuple(sizes[name] for name in names)
+  return jax.make_mesh(shape, names,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def batch_axes(mesh: Mesh) -> tuple:
+  """The mesh axes that split the batch dimension."""
+  return tuple(name for name in BATCH_AXES if name in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the data axes, the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[name] for name in batch_axes(mesh))

@@ -1,0 +1,177 @@
+"""Iterative parallel decoding (paper Sec. 3.2, Alg. 1), entirely on device.
+
+Iteration t of T = num_iter, starting from tokens with `mask_token_id` at the
+unknown positions:
+
+1. predict: `tokens_to_logits(tokens)` gives [B, N, V] logits; every unknown
+   position draws a token from softmax(logits / temperature).
+2. score: the confidence of a drawn token is its probability; tokens that were
+   already known get +inf, so they are never masked again.
+3. re-mask: the number of tokens left masked after iteration t is
+
+       n(t) = max(1, min(u(t) - 1, floor(N0 * gamma((t + 1) / T))))
+
+   for t < T - 1 and n(T - 1) = 0, where N0 is the number of unknown tokens in
+   `inputs`, u(t) the number still unknown before iteration t and gamma the
+   mask schedule. This is the official MaskGIT rule: each iteration fixes at
+   least one token and leaves at least one for later, and the last iteration
+   fixes everything. The n(t) least confident tokens are masked again, where
+   the confidence is randomised as
+   log(p) + choice_temperature * (1 - (t + 1) / T) * Gumbel noise,
+   so early iterations pick more freely and the last ones greedily.
+
+The iterations are one `jax.lax.fori_loop`, so `tokens_to_logits` is traced
+once and the loop never returns to the host. Call `decode` under `jax.jit`
+(or use `make_decoder`) to compile it once per input shape.
+"""
+
+import functools
+from typing import Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from maskgit_jax import masking
+from maskgit_jax import schedules
+
+TokensToLogits = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+class DecodeHistory(NamedTuple):
+  """What each iteration produced, for visualisation.
+
+  predicted: int32 [B, T, N], the tokens drawn at iteration t (no mask ids).
+  remasked: bool [B, T, N], True where that token was masked again after t.
+    The tokens held after iteration t are `where(remasked, mask_id, predicted)`.
+  Iterations before `start_iter` hold the inputs and no re-masking.
+  """
+  predicted: jnp.ndarray
+  remasked: jnp.ndarray
+
+
+def sample_categorical(rng: jax.Array, logits: jnp.ndarray,
+                       temperature: Union[float, jnp.ndarray] = 1.0):
+  """Draws one token per position from softmax(logits / temperature).
+
+  Inverse-CDF sampling with one uniform number per position: exact for the
+  categorical distribution and much cheaper than Gumbel-max
+  (`jax.random.categorical`), which draws one number per vocabulary entry.
+
+  Returns:
+    (tokens int32 [...], probability of each drawn token float32 [...]).
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  probs = jax.nn.softmax(logits, axis=-1)
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.random.uniform(rng, logits.shape[:-1] + (1,)) * cdf[..., -1:]
+  tokens = jnp.sum(cdf <= u, axis=-1, dtype=jnp.int32)
+  tokens = jnp.minimum(tokens, logits.shape[-1] - 1)
+  chosen = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+  return tokens, chosen
+
+
+def num_left_masked(step: jnp.ndarray, num_iter: int, initial_unknown,
+                    current_unknown, schedule: str) -> jnp.ndarray:
+  """n(t) of the module docstring: tokens left masked after iteration `step`."""
+  ratio = (step + 1).astype(jnp.float32) / num_iter
+  gamma = schedules.mask_ratio(ratio, schedule, num_tokens=initial_unknown)
+  count = jnp.floor(initial_unknown * gamma).astype(jnp.int32)
+  count = jnp.maximum(1, jnp.minimum(current_unknown - 1, count))
+  return jnp.where(step >= num_iter - 1, 0, count)
+
+
+def _check_args(inputs, num_iter, start_iter, choice_temperature, schedule):
+  if getattr(inputs, "ndim", None) != 2:
+    raise ValueError("inputs must be int tokens of shape [batch, num_tokens], "
+                     f"got shape {getattr(inputs, 'shape', None)}.")
+  if not jnp.issubdtype(inputs.dtype, jnp.integer):
+    raise ValueError(f"inputs must be integer tokens, got dtype {inputs.dtype}.")
+  if not isinstance(num_iter, int) or num_iter < 1:
+    raise ValueError(f"num_iter must be a positive int, got {num_iter!r}.")
+  if not isinstance(start_iter, int) or not 0 <= start_iter < num_iter:
+    raise ValueError(f"start_iter must be an int in [0, num_iter={num_iter}), "
+                     f"got {start_iter!r}.")
+  if isinstance(choice_temperature, (int, float)) and choice_temperature < 0:
+    raise ValueError("choice_temperature must be >= 0, got "
+                     f"{choice_temperature!r}.")
+  schedules.validate(schedule)
+
+
+def decode(tokens_to_logits: TokensToLogits,
+           inputs: jnp.ndarray,
+           rng: jax.Array,
+           *,
+           num_iter: int,
+           mask_token_id: int = -1,
+           choice_temperature: float = 4.5,
+           schedule: str = "cosine",
+           start_iter: int = 0,
+           temperature: float = 1.0,
+           return_history: bool = False):
+  """Fills every `mask_token_id` in `inputs` by iterative parallel decoding.
+
+  Args:
+    tokens_to_logits: maps int32 tokens [B, N] (with mask ids) to logits
+      [B, N, V]; a pure function of its input (close over parameters).
+    inputs: int [B, N]; `mask_token_id` marks the unknown positions. Known
+      tokens (a class token, the kept part of an image) never change.
+    rng: PRNG key; the same key gives the same output.
+    num_iter: T, the total number of iterations of the schedule.
+    mask_token_id: the id that marks unknown positions.
+    choice_temperature: scale of the Gumbel noise in the re-masking choice,
+      annealed linearly to 0 over the iterations.
+    schedule: mask schedule name (see `schedules.VALID_METHODS`).
+    start_iter: first iteration to run, to begin part-way through the
+      schedule (editing); iterations start_iter..T-1 run.
+    temperature: softmax temperature of the token sampling. The confidence
+      is the probability under this same tempered distribution.
+    return_history: also return a `DecodeHistory`.
+
+  Returns:
+    int32 [B, N] tokens without mask ids, or (tokens, DecodeHistory).
+  """
+  _check_args(inputs, num_iter, start_iter, choice_temperature, schedule)
+  inputs = inputs.astype(jnp.int32)
+  unknown = inputs == mask_token_id
+  initial_unknown = jnp.sum(unknown, axis=-1, dtype=jnp.int32)
+  if return_history:
+    history = DecodeHistory(
+        predicted=jnp.repeat(inputs[:, None, :], num_iter, axis=1),
+        remasked=jnp.zeros(inputs.shape[:1] + (num_iter,) + inputs.shape[1:],
+                           bool))
+  else:
+    history = None
+
+  def one_iteration(step, carry):
+    tokens, history = carry
+    sample_rng, choice_rng = jax.random.split(jax.random.fold_in(rng, step))
+    unknown = tokens == mask_token_id
+    sampled, prob = sample_categorical(
+        sample_rng, tokens_to_logits(tokens), temperature)
+    sampled = jnp.where(unknown, sampled, tokens)
+
+    count = num_left_masked(step, num_iter, initial_unknown,
+                            jnp.sum(unknown, axis=-1, dtype=jnp.int32),
+                            schedule)
+    ratio = (step + 1).astype(jnp.float32) / num_iter
+    noise_scale = choice_temperature * (1.0 - ratio)
+    confidence = jnp.log(prob) + noise_scale * jax.random.gumbel(
+        choice_rng, prob.shape)
+    confidence = jnp.where(unknown, confidence, jnp.inf)
+    remask = masking.rank_mask(confidence, count) & unknown
+    new_tokens = jnp.where(remask, mask_token_id, sampled)
+
+    if history is not None:
+      history = DecodeHistory(
+          predicted=history.predicted.at[:, step].set(sampled),
+          remasked=history.remasked.at[:, step].set(remask))
+    return new_tokens, history
+
+  tokens, history = jax.lax.fori_loop(start_iter, num_iter, one_iteration,
+                                      (inputs, history))
+  return (tokens, history) if return_history else tokens
+
+
+def make_decoder(tokens_to_logits: TokensToLogits, **decode_kwargs):
+  """Returns jit(lambda inputs, rng: decode(tokens_to_logits, inputs, rng))."""
+  return jax.jit(functools.partial(decode, tokens_to_logits, **decode_kwargs))

@@ -1,0 +1,271 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskgit_jax.models import discriminator as disc_lib
+from maskgit_jax.models import transformer as transformer_lib
+from maskgit_jax.models import vqgan as vqgan_lib
+
+
+def count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(module, *inputs, **kwargs):
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs,
+                                            **kwargs))["params"]
+
+
+# --- transformer -----------------------------------------------------------
+
+def tiny_transformer(**overrides):
+  kwargs = dict(codebook_size=16, num_classes=3, num_tokens=8, hidden_size=32,
+                num_layers=2, num_heads=4, mlp_dim=64)
+  kwargs.update(overrides)
+  return transformer_lib.MaskGITTransformer(**kwargs)
+
+
+def bert_parameter_count(vocab, seq, hidden, layers, mlp):
+  embeddings = vocab * hidden + seq * hidden + 2 * hidden
+  attention = 4 * (hidden * hidden + hidden) + 2 * hidden
+  feed_forward = 2 * hidden * mlp + mlp + hidden + 2 * hidden
+  head = hidden * hidden + hidden + 2 * hidden + vocab
+  return embeddings + layers * (attention + feed_forward) + head
+
+
+def test_official_imagenet256_transformer_size():
+  model = transformer_lib.MaskGITTransformer(
+      codebook_size=1024, num_classes=1000, num_tokens=256)
+  params = abstract_params(model, jnp.zeros((1, 257), jnp.int32))
+  assert model.vocab_size == 2025
+  assert count(params) == bert_parameter_count(2025, 257, 768, 24, 3072)
+  assert 172e6 < count(params) < 173e6
+  layer = params["layer_0"]["attention"]
+  assert layer["qkv_kernel"].shape == (768, 3, 16, 48)
+  assert layer["out_kernel"].shape == (16, 48, 768)
+
+
+def test_transformer_logits_shape_and_dtype():
+  model = tiny_transformer()
+  tokens = jnp.full((2, 9), -1, jnp.int32).at[:, 0].set(16 + 2)
+  params = model.init(jax.random.key(0), tokens)
+  logits = model.apply(params, tokens)
+  assert logits.shape == (2, 9, 16 + 3 + 1) and logits.dtype == jnp.float32
+
+
+def test_mask_id_minus_one_is_the_last_embedding_row():
+  model = tiny_transformer()
+  tokens = jnp.array([[17, -1, 3, -1, 5, 0, -1, 2, 1]], jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  explicit = jnp.where(tokens == -1, model.vocab_size - 1, tokens)
+  np.testing.assert_array_equal(model.apply(params, tokens),
+                                model.apply(params, explicit))
+
+
+def test_output_head_is_tied_to_token_embedding():
+  model = tiny_transformer()
+  tokens = jnp.zeros((1, 9), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  assert set(params) >= {"token_embedding", "position_embedding", "head_bias"}
+  assert "head_kernel" not in params and "embedding_ln" in params
+  perturbed = jax.tree.map(lambda x: x, params)
+  perturbed["token_embedding"] = params["token_embedding"].at[7].add(1.0)
+  a = model.apply({"params": params}, tokens)
+  b = model.apply({"params": perturbed}, tokens)
+  # Token 7 is not in the input, so only its output logit can change.
+  changed = np.any(np.asarray(a != b), axis=(0, 1))
+  assert changed.tolist() == [i == 7 for i in range(model.vocab_size)]
+
+
+def test_bidirectional_every_position_sees_every_other():
+  model = tiny_transformer()
+  tokens = jnp.zeros((1, 9), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  a = model.apply(params, tokens)
+  b = model.apply(params, tokens.at[0, 8].set(4))
+  assert np.all(np.any(np.asarray(a[0, :8] != b[0, :8]), axis=-1))
+
+
+def test_dropout_only_in_training_and_bfloat16_compute():
+  model = tiny_transformer(dtype=jnp.bfloat16)
+  tokens = jnp.zeros((2, 9), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  eval_logits = model.apply(params, tokens)
+  assert eval_logits.dtype == jnp.float32
+  np.testing.assert_array_equal(eval_logits, model.apply(params, tokens))
+  train_logits = model.apply(params, tokens, deterministic=False,
+                             rngs={"dropout": jax.random.key(1)})
+  assert not np.allclose(train_logits, eval_logits)
+  f32 = tiny_transformer().apply(params, tokens)
+  np.testing.assert_allclose(eval_logits, f32, atol=0.1, rtol=0.05)
+
+
+def test_wrong_sequence_length_is_rejected():
+  model = tiny_transformer()
+  with pytest.raises(ValueError, match="9 tokens"):
+    model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+
+
+def test_with_class_token():
+  tokens = transformer_lib.with_class_token(
+      jnp.full((2, 4), -1), jnp.array([0, 2]), codebook_size=16)
+  assert tokens.tolist() == [[16, -1, -1, -1, -1], [18, -1, -1, -1, -1]]
+
+
+# --- tokenizer -------------------------------------------------------------
+
+def tiny_vqgan(**overrides):
+  kwargs = dict(filters=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                embedding_dim=4, codebook_size=32, num_groups=4)
+  kwargs.update(overrides)
+  return vqgan_lib.VQGAN(**kwargs)
+
+
+def test_official_imagenet256_tokenizer_shapes():
+  model = vqgan_lib.VQGAN()
+  images = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+  indices = jax.eval_shape(
+      lambda p, x: model.apply({"params": p}, x,
+                               method=model.encode_to_indices), params, images)
+  assert indices.shape == (1, 16, 16) and indices.dtype == jnp.int32
+  assert params["quantizer"]["codebook"].shape == (1024, 256)
+  # No attention anywhere: only convolutions, norms and the codebook.
+  names = {k for path, _ in jax.tree_util.tree_leaves_with_path(params)
+           for k in map(str, path)}
+  assert not any("attn" in n or "attention" in n for n in names)
+  assert 40e6 < count(params) < 80e6
+
+
+def vqgan_parameter_count(filters, mults, blocks, emb, codebook, channels=3):
+  def res(cin, cout):
+    n = 2 * cin + 9 * cin * cout + 2 * cout + 9 * cout * cout
+    return n + (cout * cout if cin != cout else 0)  # quirky shortcut on h
+  enc = 9 * channels * filters
+  c = filters
+  for m in mults:
+    for _ in range(blocks):
+      enc += res(c, filters * m)
+      c = filters * m
+  enc += blocks * res(c, c) + 2 * c + c * emb + emb
+  c = filters * mults[-1]
+  dec = 9 * emb * c + c + blocks * res(c, c)
+  for level in reversed(range(len(mults))):
+    for _ in range(blocks):
+      dec += res(c, filters * mults[level])
+      c = filters * mults[level]
+    if level > 0:
+      dec += 9 * c * c + c
+  dec += 2 * c + 9 * c * channels + channels
+  return enc + dec + codebook * emb
+
+
+def test_tokenizer_parameter_count_matches_architecture():
+  model = tiny_vqgan(channel_multipliers=(1, 2, 2), num_res_blocks=2)
+  params = abstract_params(model, jnp.zeros((1, 16, 16, 3)))
+  assert count(params) == vqgan_parameter_count(8, (1, 2, 2), 2, 4, 32)
+
+
+def test_tokenizer_round_trip_shapes_and_losses():
+  model = tiny_vqgan()
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), images)
+  recon, indices, losses = model.apply(variables, images, train=True)
+  assert recon.shape == images.shape and indices.shape == (2, 8, 8)
+  assert set(losses) == {"commitment_loss", "codebook_loss", "entropy_loss",
+                         "quantizer_loss"}
+  total = sum(v for k, v in losses.items() if k != "quantizer_loss")
+  np.testing.assert_allclose(losses["quantizer_loss"], total, rtol=1e-6)
+  from_indices = model.apply(variables, indices,
+                             method=model.decode_from_indices)
+  np.testing.assert_allclose(from_indices, recon, atol=1e-5)
+  encoded = model.apply(variables, images, method=model.encode_to_indices)
+  np.testing.assert_array_equal(encoded, indices)
+
+
+def test_indices_are_nearest_codebook_entries():
+  model = tiny_vqgan()
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), images)
+  latents = model.apply(variables, images,
+                        method=lambda m, x: m.encoder(x))
+  codebook = variables["params"]["quantizer"]["codebook"]
+  d = ((np.asarray(latents)[..., None, :] - np.asarray(codebook)) ** 2).sum(-1)
+  indices = model.apply(variables, images, method=model.encode_to_indices)
+  np.testing.assert_array_equal(indices, d.argmin(-1))
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+  model = tiny_vqgan()
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+  params = model.init(jax.random.key(0), images)["params"]
+
+  def loss(p):
+    recon, _, losses = model.apply({"params": p}, images, train=True)
+    return jnp.mean((recon - images) ** 2) + losses["quantizer_loss"]
+
+  grads = jax.grad(loss)(params)
+  for part in ("encoder", "decoder", "quantizer"):
+    assert float(sum(jnp.abs(g).sum() for g in
+                     jax.tree.leaves(grads[part]))) > 0, part
+
+
+def test_shortcut_projects_the_block_output():
+  """The official quirk: out = h + conv1x1(h) when channels change."""
+  block = vqgan_lib.ResBlock(filters=8, num_groups=4)
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 4))
+  variables = block.init(jax.random.key(1), x)
+  out = block.apply(variables, x)
+  p = variables["params"]
+  no_shortcut = dict(p, shortcut={"kernel": jnp.zeros_like(
+      p["shortcut"]["kernel"])})
+  h = block.apply({"params": no_shortcut}, x)
+  kernel = p["shortcut"]["kernel"][0, 0]
+  np.testing.assert_allclose(out, h + h @ kernel, atol=1e-5)
+
+
+def test_average_pool_and_upsample():
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  pooled = vqgan_lib.average_pool_2x2(x)
+  np.testing.assert_allclose(pooled[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+  odd = vqgan_lib.average_pool_2x2(jnp.ones((1, 3, 3, 1)))
+  np.testing.assert_allclose(odd, jnp.ones((1, 2, 2, 1)))
+  up = vqgan_lib.upsample_nearest_2x(pooled)
+  np.testing.assert_allclose(up[0, :2, :2, 0], [[2.5, 2.5], [2.5, 2.5]])
+  assert up.shape == (1, 4, 4, 1)
+
+
+# --- discriminator ---------------------------------------------------------
+
+def test_discriminator_shapes_and_stylegan_widths():
+  model = disc_lib.Discriminator(image_size=256)
+  params = abstract_params(model, jnp.zeros((1, 256, 256, 3)))
+  assert params["conv_in"]["kernel"].shape == (3, 3, 3, 64)
+  assert params["block_128"]["conv2"]["kernel"].shape == (3, 3, 64, 128)
+  assert params["block_4"]["conv2"]["kernel"].shape == (3, 3, 512, 512)
+  assert params["dense"]["kernel"].shape == (4 * 4 * 512, 512)
+  small = disc_lib.Discriminator(image_size=32, max_filters=32)
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
+  variables = small.init(jax.random.key(1), x)
+  logits = small.apply(variables, x)
+  assert logits.shape == (3, 1) and logits.dtype == jnp.float32
+  # Examples are independent (no batch statistics), as R1 requires.
+  other = small.apply(variables, x.at[1:].set(0.0))
+  np.testing.assert_allclose(other[0], logits[0], rtol=1e-5)
+
+
+def test_blur_downsample_preserves_constants():
+  out = disc_lib.blur_downsample(jnp.ones((1, 8, 8, 2)))
+  assert out.shape == (1, 4, 4, 2)
+  np.testing.assert_allclose(out[0, 1:3, 1:3], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("size", [6, 48, 4])
+def test_discriminator_rejects_bad_sizes(size):
+  with pytest.raises(ValueError, match="power of two"):
+    disc_lib.Discriminator(image_size=size).init(
+        jax.random.key(0), jnp.zeros((1, size, size, 3)))
