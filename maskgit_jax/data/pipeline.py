@@ -1,0 +1,282 @@
+"""Grain pipelines: sources -> host-local numpy image batches.
+
+Each process reads its own shard of the data and yields
+
+  {"image": float32 [b, S, S, 3] in [0, 1], "label": int32 [b]}
+
+with b = global_batch_size / process_count and S = data.image_size, ready for
+`jax.make_array_from_process_local_data`.
+
+Training: seeded global shuffle (a new order each epoch), random resized crop,
+optional horizontal flip, batches of exactly b (drop_remainder), repeated
+forever unless `num_epochs` is set. Evaluation: the records in order, the
+largest central square resized to S, one epoch, a smaller last batch.
+Grayscale images become 3 equal channels.
+
+Augmentation draws from grain's per-record generator, seeded by `seed` and
+the record's position in the stream, so the batches depend only on the seed,
+the worker count (each worker makes whole batches) and the number of batches
+already taken, not on threads or timing. The
+returned iterator has `get_state()` (bytes) and `set_state(bytes)`: a new
+iterator with the same arguments, given a saved state, yields exactly the
+batches the saved one would have yielded next. It also implements orbax's
+save/load for checkpointing next to the train state. A state only restores
+into an iterator with the same dataset, split, seed, sharding, batch and
+worker count.
+
+Data config (`default_data_config()`), an ml_collections ConfigDict:
+
+  name: "fashion_mnist", "image_folder", or a TFDS catalogue name prepared as
+    array_record such as "imagenet2012" (see `sources`).
+  data_dir: where TFDS datasets are built and read; "~" is expanded; None
+    means the TFDS default (~/tensorflow_datasets).
+  source_dir: the raw files: the idx directory for fashion_mnist (None means
+    /usr/share/datasets/fashion-mnist), the class-folder root for
+    image_folder; unused for catalogue datasets.
+  validation_fraction: image_folder only: part of the images held out as the
+    "validation" split (0 means only "train").
+  skip_corrupt_images: image_folder only: skip (and log) unreadable images
+    rather than fail the build.
+  train_split, eval_split: the split names the trainers and evaluators read
+    (fashion_mnist: train/test; imagenet2012: train/validation).
+  image_size: S, the side of the square output images.
+  random_resized_crop_scale: (lo, hi) area fraction of a training crop,
+    relative to the largest crop of the drawn aspect ratio that fits.
+  random_resized_crop_ratio: (lo, hi) aspect ratio (width / height) of a
+    training crop, drawn log-uniformly; (1, 1) keeps crops square, so
+    objects are never stretched.
+  random_flip: flip training images left-right with probability 1/2.
+  worker_count: grain worker processes (0: all in this process). More than 0
+    needs absl flags parsed first (absl.app.run does it).
+  worker_buffer_size: batches each worker prepares ahead.
+  read_threads: threads reading and decoding records.
+  prefetch_buffer_size: records read ahead by those threads.
+"""
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import grain
+import jax
+import numpy as np
+import PIL.Image
+from ml_collections import config_dict
+
+from maskgit_jax.data import sources
+
+Example = Dict[str, np.ndarray]
+
+
+def default_data_config() -> config_dict.ConfigDict:
+  """Fashion-MNIST at 32x32; every key is described in the module docstring."""
+  config = config_dict.ConfigDict()
+  config.name = "fashion_mnist"
+  config.data_dir = "~/.cache/maskgit_jax/tfds"
+  config.source_dir = config_dict.placeholder(str)
+  config.validation_fraction = 0.0
+  config.skip_corrupt_images = True
+  config.train_split = "train"
+  config.eval_split = "test"
+  config.image_size = 32
+  config.random_resized_crop_scale = (0.8, 1.0)
+  config.random_resized_crop_ratio = (1.0, 1.0)
+  config.random_flip = True
+  config.worker_count = 0
+  config.worker_buffer_size = 2
+  config.read_threads = 4
+  config.prefetch_buffer_size = 64
+  return config
+
+
+def random_crop_box(height: int, width: int, rng: np.random.Generator,
+                    scale: Tuple[float, float],
+                    ratio: Tuple[float, float]) -> Tuple[float, ...]:
+  """(left, top, right, bottom) of a random crop, in pixels (fractional).
+
+  Draws the aspect ratio first, then the area as a fraction of the largest
+  crop with that ratio, so no draw is ever rejected.
+  """
+  aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+  if width / height >= aspect:
+    crop_h, crop_w = float(height), height * aspect
+  else:
+    crop_h, crop_w = width / aspect, float(width)
+  side = math.sqrt(rng.uniform(scale[0], scale[1]))
+  crop_h, crop_w = crop_h * side, crop_w * side
+  left = rng.uniform(0.0, width - crop_w)
+  top = rng.uniform(0.0, height - crop_h)
+  return (left, top, left + crop_w, top + crop_h)
+
+
+def center_square_box(height: int, width: int) -> Tuple[float, ...]:
+  """(left, top, right, bottom) of the largest central square."""
+  side = min(height, width)
+  left, top = (width - side) / 2, (height - side) / 2
+  return (left, top, left + side, top + side)
+
+
+def crop_resize(image: np.ndarray, box: Sequence[float], size: int,
+                flip: bool = False) -> np.ndarray:
+  """Crops `box` of a uint8 image and resizes it to float32 [size, size, 3].
+
+  One antialiased bicubic resample (PIL) does both; `flip` mirrors the result
+  left-right. Grayscale becomes three equal channels; alpha is dropped.
+  """
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  pil = PIL.Image.fromarray(image)
+  if pil.mode not in ("L", "RGB"):
+    pil = pil.convert("RGB")
+  pil = pil.resize((size, size), PIL.Image.Resampling.BICUBIC, box=tuple(box))
+  if flip:
+    pil = pil.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+  out = np.asarray(pil, dtype=np.float32) * np.float32(1 / 255)
+  if out.ndim == 2:
+    out = np.repeat(out[..., None], 3, axis=-1)
+  return out
+
+
+class TrainAugment(grain.transforms.RandomMap):
+  """Random resized crop + optional flip, from the record's own generator."""
+
+  def __init__(self, image_size: int, scale: Tuple[float, float],
+               ratio: Tuple[float, float], flip: bool):
+    self.image_size, self.scale, self.ratio, self.flip = (
+        image_size, tuple(scale), tuple(ratio), flip)
+
+  def random_map(self, element: Dict[str, Any],
+                 rng: np.random.Generator) -> Example:
+    image = np.asarray(element["image"])
+    box = random_crop_box(image.shape[0], image.shape[1], rng, self.scale,
+                          self.ratio)
+    flip = self.flip and rng.random() < 0.5
+    return {"image": crop_resize(image, box, self.image_size, flip),
+            "label": np.int32(element["label"])}
+
+
+class EvalPreprocess(grain.transforms.Map):
+  """Largest central square resized to image_size."""
+
+  def __init__(self, image_size: int):
+    self.image_size = image_size
+
+  def map(self, element: Dict[str, Any]) -> Example:
+    image = np.asarray(element["image"])
+    box = center_square_box(image.shape[0], image.shape[1])
+    return {"image": crop_resize(image, box, self.image_size),
+            "label": np.int32(element["label"])}
+
+
+def _check_range(name: str, value: Sequence[float], low: float,
+                 high: float) -> Tuple[float, float]:
+  lo, hi = (float(v) for v in value)
+  if not low < lo <= hi <= high:
+    raise ValueError(f"data.{name}={tuple(value)} must satisfy "
+                     f"{low} < lo <= hi <= {high}.")
+  return lo, hi
+
+
+def image_transforms(data_config: config_dict.ConfigDict,
+                     train: bool) -> List[grain.transforms.Transformation]:
+  """Per-record transforms (before batching) for training or evaluation."""
+  size = int(data_config.image_size)
+  if size <= 0:
+    raise ValueError(f"data.image_size={size} must be positive.")
+  if not train:
+    return [EvalPreprocess(size)]
+  scale = _check_range("random_resized_crop_scale",
+                       data_config.random_resized_crop_scale, 0.0, 1.0)
+  ratio = _check_range("random_resized_crop_ratio",
+                       data_config.random_resized_crop_ratio, 0.0, math.inf)
+  return [TrainAugment(size, scale, ratio, bool(data_config.random_flip))]
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  """The per-process batch; the global batch must split evenly."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} must be a positive multiple of "
+        f"the number of processes ({process_count}).")
+  return global_batch_size // process_count
+
+
+def make_loader(source, transforms: Sequence[Any], *, global_batch_size: int,
+                seed: int, shuffle: bool, num_epochs: Optional[int],
+                drop_remainder: bool, process_index: Optional[int] = None,
+                process_count: Optional[int] = None, worker_count: int = 0,
+                worker_buffer_size: int = 2, read_threads: int = 4,
+                prefetch_buffer_size: int = 64) -> grain.DataLoader:
+  """A grain DataLoader over this process's shard of `source`, batched.
+
+  Processes default to jax's; each reads a disjoint, contiguous part of the
+  records (equal parts when `drop_remainder`), shuffled within that part.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in "
+                     f"[0, process_count={process_count}).")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed={seed} must be in [0, 2**32) (grain's range).")
+  batch_size = local_batch_size(global_batch_size, process_count)
+  shard = grain.sharding.ShardOptions(process_index, process_count,
+                                      drop_remainder=drop_remainder)
+  if len(source) < process_count:
+    raise ValueError(f"{len(source)} records cannot be shared by "
+                     f"{process_count} processes.")
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard, shuffle=shuffle,
+      num_epochs=num_epochs, seed=seed)
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[*transforms, grain.transforms.Batch(batch_size,
+                                                      drop_remainder)],
+      worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+      shard_options=shard,
+      read_options=grain.ReadOptions(num_threads=read_threads,
+                                     prefetch_buffer_size=prefetch_buffer_size))
+
+
+def loader_options(data_config: config_dict.ConfigDict) -> Dict[str, int]:
+  """The worker and prefetch settings of `make_loader`, from a data config."""
+  return {key: int(data_config[key]) for key in
+          ("worker_count", "worker_buffer_size", "read_threads",
+           "prefetch_buffer_size")}
+
+
+def make_image_iterator(data_config: config_dict.ConfigDict, *, split: str,
+                        global_batch_size: int, seed: int, train: bool,
+                        num_epochs: Optional[int] = None,
+                        drop_remainder: Optional[bool] = None,
+                        shuffle: Optional[bool] = None,
+                        process_index: Optional[int] = None,
+                        process_count: Optional[int] = None
+                        ) -> grain.DataLoaderIterator:
+  """Checkpointable iterator of host-local image batches.
+
+  Args:
+    data_config: see the module docstring.
+    split: e.g. data_config.train_split, or a TFDS slice like "train[:10%]".
+    global_batch_size: the batch summed over all processes.
+    seed: shuffle and augmentation seed, in [0, 2**32).
+    train: augment (random resized crop, flip); otherwise centre crop.
+    num_epochs: passes over the data; default forever when training, once
+      otherwise.
+    drop_remainder: only full batches (and equal shards); default `train`.
+      Multi-host evaluation needs equal batches on every host: set it, or pad.
+    shuffle: default `train`.
+    process_index, process_count: this process's shard; default jax's.
+  """
+  if num_epochs is None and not train:
+    num_epochs = 1
+  source = sources.build_source(data_config, split)
+  loader = make_loader(
+      source, image_transforms(data_config, train),
+      global_batch_size=global_batch_size, seed=seed,
+      shuffle=train if shuffle is None else shuffle, num_epochs=num_epochs,
+      drop_remainder=train if drop_remainder is None else drop_remainder,
+      process_index=process_index, process_count=process_count,
+      **loader_options(data_config))
+  return iter(loader)
