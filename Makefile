@@ -11,7 +11,10 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 
-.PHONY: test venv clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+DEMO_OUT ?= demo_output
+
+.PHONY: test venv demo fashion-mnist clean
 
 venv: $(STAMP)
 
@@ -32,5 +35,16 @@ $(STAMP): $(VPY) setup.py
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
 
+# Trains both stages on Fashion-MNIST and writes samples.png,
+# reconstructions.png and metrics.json into $(DEMO_OUT).
+demo: $(STAMP) fashion-mnist
+	$(VPY) -m maskgit_jax.demo --out $(DEMO_OUT)
+
+fashion-mnist:
+	@test -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; }
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache $(DEMO_OUT)

@@ -63,3 +63,57 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def num_batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[name] for name in batch_axes(mesh))
+
+
+def fsdp_sharding(tree, mesh: Mesh, min_size: int = 2**14):
+  """Shards each large array's biggest divisible dimension over `fsdp`.
+
+  Arrays smaller than `min_size` elements, or with no dimension divisible by
+  the `fsdp` axis size, are replicated. With fsdp = 1 everything is
+  replicated (plain data parallelism).
+  """
+  fsdp = mesh.shape.get("fsdp", 1)
+
+  def spec(x):
+    shape = getattr(x, "shape", ())
+    if fsdp == 1 or math.prod(shape) < min_size:
+      return NamedSharding(mesh, P())
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if shape[dim] % fsdp == 0:
+        axes = [None] * len(shape)
+        axes[dim] = "fsdp"
+        return NamedSharding(mesh, P(*axes))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(spec, tree)
+
+
+def global_batch(local_batch, mesh: Mesh):
+  """Host-local numpy batch (this process's rows) -> global sharded arrays."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      local_batch)
+
+
+def initialize_distributed() -> None:
+  """Initialises multi-host JAX once, when this is one of several processes.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID (launch/local_multiprocess.sh sets them). Otherwise SLURM
+  and Cloud TPU pods are detected by jax itself. A single process does
+  nothing.
+  """
+  import os
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]))
+  elif "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+  elif "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"]:
+    jax.distributed.initialize()

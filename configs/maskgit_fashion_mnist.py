@@ -1,0 +1,47 @@
+r"""MaskGIT transformer on Fashion-MNIST tokens (8x8), sized for a 2-core CPU.
+
+Needs the tokenizer workdir with its token cache:
+
+  python -m maskgit_jax.main --config=configs/vqgan_fashion_mnist.py \
+      --workdir=workdirs/vqgan_fashion_mnist
+  python -m maskgit_jax.main --config=configs/vqgan_fashion_mnist.py \
+      --workdir=workdirs/vqgan_fashion_mnist --mode=tokenize
+  python -m maskgit_jax.main --config=configs/maskgit_fashion_mnist.py \
+      --workdir=workdirs/maskgit_fashion_mnist \
+      --config.tokenizer_workdir=workdirs/vqgan_fashion_mnist
+
+Variants: `:tiny` (a few steps, for tests).
+"""
+
+from maskgit_jax import config_base
+
+
+def get_config(arg: str = ""):
+  c = config_base.transformer_config()
+  c.tokenizer_workdir = "workdirs/vqgan_fashion_mnist"
+  c.num_classes = 10
+  c.transformer.update(hidden_size=96, num_layers=4, num_heads=4,
+                       mlp_dim=384, dropout_rate=0.1,
+                       attention_dropout_rate=0.1)
+  c.label_dropout = 0.1
+  c.optimizer.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)
+  c.batch_size = 64
+  c.num_train_steps = 1500
+  c.checkpoint_every_steps = 500
+  c.eval_every_steps = 500
+  c.log_every_steps = 50
+  c.ema_decay = 0.995
+  c.sampling.update(num_iter=8, samples_per_class=6)
+  if arg == "tiny":
+    c.transformer.update(hidden_size=16, num_layers=1, num_heads=2,
+                         mlp_dim=32)
+    c.optimizer.warmup_steps = 2
+    c.batch_size = 8
+    c.num_train_steps = 4
+    c.checkpoint_every_steps = 2
+    c.eval_every_steps = 4
+    c.log_every_steps = 1
+    c.sampling.update(num_iter=4, samples_per_class=1)
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r}; valid: '' or 'tiny'.")
+  return c

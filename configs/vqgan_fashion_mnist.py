@@ -1,0 +1,53 @@
+r"""Tokenizer on Fashion-MNIST at 32x32, sized for a 2-core CPU (the demo).
+
+8x8 tokens from a 128-entry codebook. On a 2-core CPU the adversarial game
+(discriminator + R1) and LPIPS each make a step about 6x slower, so the demo
+trains the VQ autoencoder with the L2 and quantizer losses only; the full
+objective is one override away:
+  --config.losses.perceptual_weight=0.1 \
+  --config.losses.generator_adversarial_weight=0.1
+
+  python -m maskgit_jax.main --config=configs/vqgan_fashion_mnist.py \
+      --workdir=workdirs/vqgan_fashion_mnist
+
+then `--mode=tokenize` on the same workdir writes the token cache that
+configs/maskgit_fashion_mnist.py trains on. Variants: `:tiny` (a few steps,
+for tests).
+"""
+
+from maskgit_jax import config_base
+
+
+def get_config(arg: str = ""):
+  c = config_base.tokenizer_config()
+  c.data.name = "fashion_mnist"
+  c.data.image_size = 32
+  c.vqgan.update(filters=16, channel_multipliers=(1, 2, 4), num_res_blocks=1,
+                 embedding_dim=32, codebook_size=128, num_groups=8)
+  c.discriminator.update(max_filters=64)
+  c.losses.update(perceptual_weight=0.0, generator_adversarial_weight=0.0,
+                  discriminator_start_step=500, r1_weight=1.0)
+  c.optimizer.update(learning_rate=5e-4, b1=0.9)
+  c.d_optimizer.learning_rate = 4e-4
+  c.batch_size = 32
+  c.num_train_steps = 1200
+  c.checkpoint_every_steps = 400
+  c.eval_every_steps = 400
+  c.log_every_steps = 25
+  c.ema_decay = 0.99
+  if arg == "tiny":
+    c.vqgan.update(filters=8, embedding_dim=8, codebook_size=16, num_groups=4)
+    c.discriminator.update(max_filters=8)
+    # The tiny run exercises every loss term, LPIPS and the GAN included.
+    c.losses.update(discriminator_start_step=2, perceptual_weight=0.1,
+                    generator_adversarial_weight=0.1)
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.num_train_steps = 4
+    c.checkpoint_every_steps = 2
+    c.eval_every_steps = 4
+    c.log_every_steps = 1
+    c.num_eval_images = 4
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r}; valid: '' or 'tiny'.")
+  return c

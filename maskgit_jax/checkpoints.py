@@ -1,0 +1,86 @@
+"""Checkpoints: orbax CheckpointManager over the train state and data state.
+
+A checkpoint holds two items: `state` (the train-state pytree: parameters,
+optimizer state, EMA, step, RNG) and `data` (the grain iterator position, one
+file per process). Saves are asynchronous for the arrays; orbax writes into a
+temporary folder and renames it when complete, so an interrupted save is
+never mistaken for a checkpoint. Only the newest `keep` are kept, and an
+older one is deleted only after a newer one is committed.
+"""
+
+import logging
+from typing import Any, Optional, Tuple
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+STATE, DATA = "state", "data"
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.directory = directory
+    self.manager = ocp.CheckpointManager(
+        directory,
+        options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any = None,
+           force: bool = False) -> bool:
+    items = {STATE: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items),
+                             force=force)
+
+  def restore(self, abstract_state: Any, data_iterator: Any = None,
+              step: Optional[int] = None) -> Tuple[Optional[int], Any]:
+    """Restores the newest readable checkpoint (or `step`).
+
+    A checkpoint that fails to load (damaged or missing files) is reported by
+    a warning naming it, and the next older one is tried. Returns
+    (step, state), or (None, None) when there is nothing to restore.
+    """
+    steps = [step] if step is not None else self.all_steps()[::-1]
+    for candidate in steps:
+      items = {STATE: ocp.args.StandardRestore(abstract_state)}
+      if data_iterator is not None:
+        items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+      try:
+        restored = self.manager.restore(candidate,
+                                        args=ocp.args.Composite(**items))
+      except Exception as error:  # pylint: disable=broad-except
+        logging.warning("Checkpoint %s/%d could not be restored (%s: %s); "
+                        "trying an older one.", self.directory, candidate,
+                        type(error).__name__, error)
+        continue
+      return candidate, restored[STATE]
+    return None, None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(state: Any, shardings: Any = None) -> Any:
+  """ShapeDtypeStructs (with shardings) describing `state`, for restore."""
+  if shardings is None:
+    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), state)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state, shardings)

@@ -1,0 +1,91 @@
+"""Default configs that every file in configs/ starts from.
+
+Configs are code: a file in configs/ calls `tokenizer_config()` or
+`transformer_config()` and overrides what differs. Every key a trainer reads
+is defined here, so a typo in an override (`--config.bach_size=8`) fails
+instead of being ignored.
+"""
+
+import ml_collections
+
+
+def _data_config(name: str = "fashion_mnist",
+                 image_size: int = 32) -> ml_collections.ConfigDict:
+  from maskgit_jax.data import pipeline  # Local: keeps configs importable fast.
+  data = pipeline.default_data_config()
+  data.name = name
+  data.image_size = image_size
+  return data
+
+
+def _common(stage: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 42
+  c.num_train_steps = 1000
+  c.batch_size = 64                 # global, over all processes
+  c.eval_batch_size = 64
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.dtype = "float32"               # compute dtype; parameters stay float32
+  c.ema_decay = 0.999
+  # Mesh axis sizes; -1 = all remaining devices. The batch is split over
+  # `data` x `fsdp`; parameters are sharded over `fsdp`.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
+      warmup_steps=0, schedule="constant", grad_clip_norm=0.0))
+  # Non-finite loss: "error" stops naming the step; "skip" drops the update.
+  c.on_nonfinite = "error"
+  return c
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+  """Stage 1: VQGAN with perceptual and adversarial losses."""
+  c = _common("tokenizer")
+  c.data = _data_config()
+  c.vqgan = ml_collections.ConfigDict(dict(
+      filters=128, channel_multipliers=(1, 1, 2, 2, 4), num_res_blocks=2,
+      embedding_dim=256, codebook_size=1024, num_groups=32,
+      activation="swish", conv_downsample=False, commitment_cost=0.25,
+      entropy_loss_ratio=0.1, entropy_temperature=0.01,
+      entropy_loss_type="softmax"))
+  c.discriminator = ml_collections.ConfigDict(dict(
+      channel_multiplier=1, max_filters=512, blur_resample=True))
+  c.losses = ml_collections.ConfigDict(dict(
+      reconstruction="l2",          # "l1" or "l2"
+      reconstruction_weight=1.0,
+      perceptual_weight=0.1,        # LPIPS (VGG16)
+      gan_loss="non-saturating",    # or "hinge"
+      generator_adversarial_weight=0.1,
+      r1_weight=10.0,
+      discriminator_start_step=0))
+  c.optimizer.b1 = 0.0
+  c.optimizer.b2 = 0.99
+  c.d_optimizer = ml_collections.ConfigDict(dict(c.optimizer))
+  c.codebook_usage_window = 100     # steps over which code usage is counted
+  c.num_eval_images = 16            # reconstructions drawn at eval intervals
+  c.tokenize_batch_size = 256       # --mode=tokenize
+  return c
+
+
+def transformer_config() -> ml_collections.ConfigDict:
+  """Stage 2: bidirectional transformer on the tokenizer's token cache."""
+  c = _common("transformer")
+  c.tokenizer_workdir = ""          # required: the stage-1 workdir
+  c.num_classes = 1000
+  c.transformer = ml_collections.ConfigDict(dict(
+      hidden_size=768, num_layers=24, num_heads=16, mlp_dim=3072,
+      dropout_rate=0.1, attention_dropout_rate=0.1))
+  c.mask_schedule = "cosine"
+  c.label_smoothing = 0.1
+  c.label_dropout = 0.0             # > 0 trains the unconditional model (CFG)
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-4, b1=0.9, b2=0.96, weight_decay=0.045,
+      warmup_steps=5000, schedule="cosine", grad_clip_norm=1.0))
+  c.sampling = ml_collections.ConfigDict(dict(
+      num_iter=8, choice_temperature=4.5, guidance_scale=0.0,
+      samples_per_class=4))
+  return c

@@ -1,0 +1,43 @@
+r"""Entry point: train, tokenize, sample or evaluate from a config file.
+
+  python -m maskgit_jax.main --config=configs/vqgan_fashion_mnist.py \
+      --workdir=workdirs/vqgan_fashion_mnist [--mode=train] \
+      [--config.num_train_steps=2000]
+
+The config says which stage it trains (`config.stage`). The resolved config
+is written to the workdir; re-running the same command resumes.
+Modes: train (default), tokenize (tokenizer workdirs: encode the training
+set once into the token cache stage 2 reads), sample (transformer workdirs:
+a PNG grid of class-conditional samples), eval (reconstruction PSNR for a
+tokenizer, a sample grid for a transformer).
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from maskgit_jax import parallel
+
+MODES = ("train", "tokenize", "sample", "eval")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/vqgan_fashion_mnist.py[:arg].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  parallel.initialize_distributed()
+  from maskgit_jax.train import jobs  # After distributed init.
+  # Orbax and grain log every save at INFO; our own news goes to stderr.
+  logging.set_verbosity(logging.WARNING)
+  jobs.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

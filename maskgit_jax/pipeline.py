@@ -1,0 +1,168 @@
+"""The notebook-facing Pipeline: generate, tokenize, detokenize, logits.
+
+    from maskgit_jax import Pipeline
+    pipe = Pipeline.from_workdirs("workdirs/vqgan", "workdirs/maskgit")
+    images = pipe.generate([0, 1, 2, 3], seed=0)      # uint8 [4, H, W, 3]
+
+Every method is jitted once per input shape (and per static option such as
+`num_iter`) and reused; parameters are passed as arguments, not baked into
+the compiled program. The same seed gives the same images.
+"""
+
+import functools
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskgit_jax import sampling
+from maskgit_jax.models import transformer as transformer_lib
+from maskgit_jax.models import vqgan as vqgan_lib
+
+MASK = transformer_lib.MASK_TOKEN_ID
+
+
+def guided_logits(model: transformer_lib.MaskGITTransformer, params,
+                  tokens: jnp.ndarray, guidance_scale) -> jnp.ndarray:
+  """Image-code logits with classifier-free guidance in one batched pass.
+
+  The unconditional input holds the mask token in the class slot (what
+  label dropout trains); logits = cond + scale * (cond - uncond).
+  """
+  unconditional = tokens.at[:, 0].set(MASK)
+  both = model.apply({"params": params},
+                     jnp.concatenate([tokens, unconditional], axis=0))
+  both = both[..., :model.codebook_size]
+  cond, uncond = jnp.split(both, 2, axis=0)
+  return cond + guidance_scale * (cond - uncond)
+
+
+def image_logits(model, params, tokens):
+  return model.apply({"params": params}, tokens)[..., :model.codebook_size]
+
+
+class Pipeline:
+  """A tokenizer and a transformer with their parameters (EMA weights)."""
+
+  def __init__(self, tokenizer: vqgan_lib.VQGAN, tokenizer_params,
+               transformer: transformer_lib.MaskGITTransformer,
+               transformer_params, *, token_shape: Sequence[int],
+               mask_schedule: str = "cosine"):
+    if tokenizer.codebook_size != transformer.codebook_size:
+      raise ValueError(
+          f"Tokenizer codebook_size={tokenizer.codebook_size} differs from the "
+          f"transformer's codebook_size={transformer.codebook_size}.")
+    height, width = token_shape
+    if height * width != transformer.num_tokens:
+      raise ValueError(f"token_shape {tuple(token_shape)} has {height * width} "
+                       f"tokens; the transformer expects "
+                       f"{transformer.num_tokens}.")
+    self.tokenizer, self.tokenizer_params = tokenizer, tokenizer_params
+    self.transformer, self.transformer_params = transformer, transformer_params
+    self.token_shape = (int(height), int(width))
+    self.mask_schedule = mask_schedule
+    self.num_classes = transformer.num_classes
+    self.codebook_size = transformer.codebook_size
+
+  @classmethod
+  def from_workdirs(cls, tokenizer_workdir: str, transformer_workdir: str,
+                    step: Optional[int] = None) -> "Pipeline":
+    """Loads both stages' EMA parameters from their training workdirs."""
+    from maskgit_jax.train import restore  # Local: avoids an import cycle.
+    return restore.pipeline_from_workdirs(cls, tokenizer_workdir,
+                                          transformer_workdir, step)
+
+  # --- tokens <-> images ---------------------------------------------------
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _encode(self, params, images):
+    return self.tokenizer.apply({"params": params}, images,
+                                method=self.tokenizer.encode_to_indices)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _decode(self, params, indices):
+    images = self.tokenizer.apply({"params": params}, indices,
+                                  method=self.tokenizer.decode_from_indices)
+    return jnp.clip(images, 0.0, 1.0)
+
+  def tokenize(self, images) -> np.ndarray:
+    """Float images [B, H, W, C] in [0, 1] -> int32 indices [B, h, w]."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+      raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}.")
+    return np.asarray(self._encode(self.tokenizer_params, images))
+
+  def detokenize(self, indices) -> np.ndarray:
+    """Int indices [B, h, w] -> float images [B, H, W, C] in [0, 1]."""
+    indices = np.asarray(indices)
+    if indices.ndim != 3:
+      raise ValueError(f"indices must be [B, h, w], got shape {indices.shape}.")
+    if indices.min() < 0 or indices.max() >= self.codebook_size:
+      raise ValueError(f"indices must lie in [0, {self.codebook_size}), got "
+                       f"range [{indices.min()}, {indices.max()}].")
+    return np.asarray(self._decode(self.tokenizer_params,
+                                   indices.astype(np.int32)))
+
+  # --- the transformer ------------------------------------------------------
+
+  def _class_tokens(self, class_ids) -> np.ndarray:
+    class_ids = np.asarray(class_ids).reshape(-1)
+    if class_ids.size and (class_ids.min() < 0 or
+                           class_ids.max() >= self.num_classes):
+      raise ValueError(f"class ids must lie in [0, {self.num_classes}), got "
+                       f"{class_ids.tolist()}.")
+    return (class_ids + self.codebook_size).astype(np.int32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _logits(self, params, tokens):
+    return image_logits(self.transformer, params, tokens)
+
+  def logits(self, tokens, class_ids) -> np.ndarray:
+    """tokens int [B, N] (-1 = masked), class ids [B] -> float32
+    logits [B, N, codebook_size] over image codes."""
+    tokens = np.asarray(tokens)
+    n = self.transformer.num_tokens
+    if tokens.ndim != 2 or tokens.shape[1] != n:
+      raise ValueError(f"tokens must be [B, {n}], got shape {tokens.shape}.")
+    full = np.concatenate([self._class_tokens(class_ids)[:, None],
+                           tokens.astype(np.int32)], axis=1)
+    return np.asarray(self._logits(self.transformer_params, full))[:, 1:]
+
+  @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+  def _generate(self, t_params, k_params, inputs, rng, num_iter, schedule,
+                use_guidance, choice_temperature, guidance_scale, temperature):
+    if use_guidance:
+      to_logits = lambda tokens: guided_logits(
+          self.transformer, t_params, tokens, guidance_scale)
+    else:
+      to_logits = lambda tokens: image_logits(self.transformer, t_params,
+                                              tokens)
+    tokens = sampling.decode(to_logits, inputs, rng, num_iter=num_iter,
+                             choice_temperature=choice_temperature,
+                             schedule=schedule, temperature=temperature)
+    indices = tokens[:, 1:].reshape((-1,) + self.token_shape)
+    images = self.tokenizer.apply({"params": k_params}, indices,
+                                  method=self.tokenizer.decode_from_indices)
+    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+  def generate(self, class_ids, seed: int = 0, num_iter: int = 8,
+               choice_temperature: float = 4.5, guidance_scale: float = 0.0,
+               temperature: float = 1.0,
+               schedule: Optional[str] = None) -> np.ndarray:
+    """Class-conditional samples: uint8 images [B, H, W, C]."""
+    if not isinstance(num_iter, int) or num_iter < 1:
+      raise ValueError(f"num_iter must be a positive int, got {num_iter!r}.")
+    schedule = schedule or self.mask_schedule
+    from maskgit_jax import schedules
+    schedules.validate(schedule)
+    classes = self._class_tokens(class_ids)
+    inputs = np.full((classes.size, 1 + self.transformer.num_tokens), MASK,
+                     np.int32)
+    inputs[:, 0] = classes
+    images = self._generate(
+        self.transformer_params, self.tokenizer_params, inputs,
+        jax.random.key(seed), num_iter, schedule, guidance_scale != 0.0,
+        jnp.float32(choice_temperature), jnp.float32(guidance_scale),
+        jnp.float32(temperature))
+    return np.asarray(images)

@@ -1,0 +1,53 @@
+"""PNG grids: reconstructions next to originals, samples per class."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
+  """[rows * cols, H, W, C] -> one uint8 image, row-major, white padding."""
+  images = to_uint8(images)
+  n, h, w, c = images.shape
+  cols = -(-n // rows)
+  canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255,
+                   np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, cols)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    canvas[top:top + h, left:left + w] = image
+  return canvas
+
+
+def save_png(image: np.ndarray, path: str) -> str:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp.png"
+  Image.fromarray(to_uint8(image)).save(tmp)
+  os.replace(tmp, path)
+  return path
+
+
+def save_pairs(originals: np.ndarray, reconstructions: np.ndarray,
+               path: str) -> str:
+  """Two rows: originals on top, their reconstructions below."""
+  both = np.concatenate([to_uint8(originals), to_uint8(reconstructions)])
+  return save_png(grid(both, rows=2), path)
+
+
+def sample_grid(pipe, config, path: str) -> dict:
+  """One row per class, `sampling.samples_per_class` samples in each."""
+  s = config.sampling
+  classes = np.repeat(np.arange(pipe.num_classes), s.samples_per_class)
+  images = pipe.generate(classes, seed=config.seed, num_iter=s.num_iter,
+                         choice_temperature=s.choice_temperature,
+                         guidance_scale=s.guidance_scale)
+  save_png(grid(images, rows=pipe.num_classes), path)
+  return {}

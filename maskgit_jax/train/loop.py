@@ -1,0 +1,140 @@
+"""The training loop both stages share.
+
+A stage supplies pure functions (init, train step) and host-side hooks
+(data iterator, evaluation); this loop owns everything else: mesh and
+shardings, the jitted step with the state donated, resuming from the newest
+checkpoint, periodic checkpoints, metrics, the progress bar and evaluation.
+Re-running the same command on the same workdir resumes where it stopped.
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from maskgit_jax import checkpoints
+from maskgit_jax import parallel
+from maskgit_jax.train import metrics_writer
+
+
+@dataclasses.dataclass
+class Stage:
+  """What a stage gives the loop.
+
+  init_state: rng -> train state (pure; jitted with shardings by the loop).
+  train_step: (state, global batch, constants) -> (state, metrics) (pure).
+  make_iterator: () -> iterator of host-local numpy batches with
+    get_state/set_state (grain), so checkpoints hold the data position.
+  evaluate: (state, step) -> scalars; may write images into the workdir.
+  summarize: host-side reduction of a window of per-step metrics (numpy)
+    into scalars; by default the mean of every scalar metric.
+  constants: frozen arrays every step needs (e.g. LPIPS weights), passed
+    to train_step as its third argument, replicated, never checkpointed.
+  """
+  init_state: Callable[[jax.Array], Any]
+  train_step: Callable[[Any, Dict[str, jax.Array], Any], Any]
+  make_iterator: Callable[[], Iterator[Dict[str, np.ndarray]]]
+  evaluate: Optional[Callable[[Any, int], Dict[str, float]]] = None
+  summarize: Optional[Callable[[List[Dict[str, np.ndarray]]],
+                               Dict[str, float]]] = None
+  constants: Any = None
+
+
+def mean_scalars(window: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
+  keys = [k for k, v in window[0].items() if np.ndim(v) == 0]
+  return {k: float(np.mean([m[k] for m in window])) for k in keys}
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def announce(message: str) -> None:
+  """A line for the user on process 0 (logging is kept at WARNING)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_finite(step: int, scalars: Dict[str, float]) -> None:
+  bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
+  if bad:
+    raise NonFiniteLossError(
+        f"Non-finite metrics at step {step}: {bad}. The last good checkpoint "
+        "is kept; lower the learning rate or set --config.on_nonfinite=skip.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stage: Stage) -> Any:
+  """Trains `stage` to config.num_train_steps; returns the final state."""
+  mesh = parallel.create_mesh(dict(config.mesh))
+  shards = parallel.num_batch_shards(mesh)
+  if config.batch_size % shards:
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                     f"{shards} data-parallel devices of mesh {dict(mesh.shape)}.")
+
+  rng = jax.random.key(config.seed)
+  abstract = jax.eval_shape(stage.init_state, rng)
+  state_shardings = parallel.fsdp_sharding(abstract, mesh)
+  state = jax.jit(stage.init_state, out_shardings=state_shardings)(rng)
+  constants = jax.device_put(stage.constants, parallel.replicated(mesh))
+
+  iterator = stage.make_iterator()
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  keep=config.keep_checkpoints)
+  restored_step, restored = ckpt.restore(
+      checkpoints.abstract_like(state, state_shardings), iterator)
+  start = 0
+  if restored is not None:
+    state, start = restored, int(restored_step)
+    announce(f"Resumed {workdir} from step {start}.")
+
+  step_fn = jax.jit(
+      stage.train_step,
+      in_shardings=(state_shardings, parallel.batch_sharding(mesh),
+                    parallel.replicated(mesh)),
+      out_shardings=(state_shardings, parallel.replicated(mesh)),
+      donate_argnums=0)
+  writer = metrics_writer.MetricsWriter(workdir)
+  summarize = stage.summarize or mean_scalars
+  progress = tqdm.tqdm(total=config.num_train_steps, initial=start,
+                       disable=jax.process_index() != 0, unit="step",
+                       dynamic_ncols=True, desc=os.path.basename(workdir))
+  window: List[Dict[str, Any]] = []
+  window_start = time.perf_counter()
+  step = start
+  try:
+    while step < config.num_train_steps:
+      batch = parallel.global_batch(next(iterator), mesh)
+      state, metrics = step_fn(state, batch, constants)
+      step += 1
+      window.append(metrics)
+      progress.update(1)
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        scalars = summarize(jax.device_get(window))
+        check_finite(step, scalars)
+        elapsed = time.perf_counter() - window_start
+        scalars["steps_per_second"] = len(window) / max(elapsed, 1e-9)
+        writer.write_scalars(step, scalars)
+        progress.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}")
+        window, window_start = [], time.perf_counter()
+      if (step % config.checkpoint_every_steps == 0 or
+          step == config.num_train_steps):
+        ckpt.save(step, state, iterator, force=True)
+      if stage.evaluate is not None and (
+          step % config.eval_every_steps == 0 or
+          step == config.num_train_steps):
+        scalars = stage.evaluate(state, step)
+        if scalars:
+          writer.write_scalars(step, scalars)
+  finally:
+    progress.close()
+    ckpt.close()
+    writer.close()
+  return state

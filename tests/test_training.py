@@ -1,0 +1,308 @@
+"""Both stages through the real entry points, on tiny configs and data.
+
+The tokenizer is trained once per module (fixture) on a synthetic
+Fashion-MNIST-shaped idx dataset; later tests tokenize with it, train the
+transformer on its tokens and sample through the Pipeline.
+"""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskgit_jax import parallel
+from maskgit_jax import Pipeline
+from maskgit_jax.data import tokens as tokens_lib
+from maskgit_jax.train import jobs
+from maskgit_jax.train import restore
+from maskgit_jax.train import transformer_stage
+from maskgit_jax.train import tokenizer_stage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TRAIN, NUM_TEST = 48, 16
+
+
+def load_config(name, arg="tiny"):
+  import importlib.util
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def write_idx(path, array):
+  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+      int(d).to_bytes(4, "big") for d in array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def garments(n, seed):
+  """Class-dependent stripes plus noise: learnable, like a toy Fashion-MNIST."""
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % 10
+  rows = np.arange(28)[None, :, None]
+  stripes = ((rows // (labels[:, None, None] % 4 + 2)) % 2) * 200
+  images = stripes + rng.integers(0, 40, (n, 28, 28))
+  return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("idx"))
+  for prefix, (n, seed) in {"train": (NUM_TRAIN, 0),
+                            "t10k": (NUM_TEST, 1)}.items():
+    images, labels = garments(n, seed)
+    write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+  return root, str(tmp_path_factory.mktemp("tfds"))
+
+
+def tokenizer_config(data_dirs):
+  config = load_config("vqgan_fashion_mnist")
+  config.data.source_dir, config.data.data_dir = data_dirs
+  return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer_workdir(data_dirs, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("vqgan"))
+  config = tokenizer_config(data_dirs)
+  jobs.run("train", config, workdir)
+  jobs.run("tokenize", config, workdir)
+  return workdir
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_tokenizer_run_writes_metrics_checkpoints_and_images(tokenizer_workdir):
+  steps = sorted(int(s) for s in os.listdir(
+      os.path.join(tokenizer_workdir, "checkpoints")) if s.isdigit())
+  assert steps == [2, 4]
+  train_rows = [r for r in read_metrics(tokenizer_workdir) if "loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  for key in ("reconstruction_loss", "perceptual_loss", "codebook_loss",
+              "commitment_loss", "entropy_loss", "generator_adversarial_loss",
+              "discriminator_loss", "r1_penalty", "psnr", "codebook_usage",
+              "codebook_perplexity"):
+    assert np.isfinite(train_rows[-1][key]), key
+  assert 0 < train_rows[-1]["codebook_usage"] <= 1
+  images = os.listdir(os.path.join(tokenizer_workdir, "images"))
+  assert "reconstructions_00000004.png" in images
+  saved = restore.load_config(tokenizer_workdir)
+  assert saved.vqgan.codebook_size == 16 and saved.stage == "tokenizer"
+  assert os.listdir(os.path.join(tokenizer_workdir, "tensorboard"))
+
+
+def test_tokenize_encodes_both_flips(tokenizer_workdir):
+  source = tokens_lib.TokenSource(restore.token_dir(tokenizer_workdir))
+  assert len(source) == 2 * NUM_TRAIN
+  assert source.token_shape == (8, 8)
+  assert source.metadata["codebook_size"] == 16
+  assert int(np.max(source.tokens)) < 16
+  # The second view of each batch is the mirror image: same labels.
+  labels = np.asarray(source.labels)
+  assert sorted(labels.tolist()) == sorted(
+      2 * garments(NUM_TRAIN, 0)[1].tolist())
+
+
+@pytest.fixture(scope="module")
+def transformer_workdir(tokenizer_workdir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("maskgit"))
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  jobs.run("train", config, workdir)
+  return workdir
+
+
+def test_transformer_trains_and_pipeline_generates(tokenizer_workdir,
+                                                   transformer_workdir):
+  rows = [r for r in read_metrics(transformer_workdir) if "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(0 <= r["masked_accuracy"] <= 1 for r in rows)
+  assert "samples_00000004.png" in os.listdir(
+      os.path.join(transformer_workdir, "images"))
+
+  pipe = Pipeline.from_workdirs(tokenizer_workdir, transformer_workdir)
+  images = pipe.generate([0, 3, 9], seed=5, num_iter=4)
+  assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(images, pipe.generate([0, 3, 9], seed=5,
+                                                      num_iter=4))
+  guided = pipe.generate([0, 3, 9], seed=5, num_iter=4, guidance_scale=2.0)
+  assert guided.shape == images.shape
+
+  photos = np.random.default_rng(0).random((2, 32, 32, 3), np.float32)
+  indices = pipe.tokenize(photos)
+  assert indices.shape == (2, 8, 8) and indices.dtype == np.int32
+  back = pipe.detokenize(indices)
+  assert back.shape == (2, 32, 32, 3)
+  assert back.min() >= 0 and back.max() <= 1
+  tokens = np.full((2, 64), -1, np.int32)
+  tokens[:, :10] = indices.reshape(2, -1)[:, :10]
+  logits = pipe.logits(tokens, [1, 2])
+  assert logits.shape == (2, 64, 16) and logits.dtype == np.float32
+  with pytest.raises(ValueError, match="class ids"):
+    pipe.generate([10])
+
+
+def test_sample_mode_writes_a_grid(tokenizer_workdir, transformer_workdir):
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  path = jobs.run("sample", config, transformer_workdir)
+  from PIL import Image
+  grid = np.asarray(Image.open(path))
+  assert grid.shape[0] > 10 * 32  # one row per class
+
+
+def final_params(workdir, config, tokenizer_workdir):
+  meta = tokens_lib.read_metadata(restore.token_dir(tokenizer_workdir))
+  source = tokens_lib.TokenSource(restore.token_dir(tokenizer_workdir))
+  model = transformer_stage.build_model(config, meta["codebook_size"],
+                                        int(np.prod(source.token_shape)))
+  step, state = restore.restore_state(
+      workdir, lambda rng: transformer_stage.init_state(
+          model, transformer_stage.build_optimizer(config), rng))
+  return step, state
+
+
+def test_resume_continues_exactly(tokenizer_workdir, transformer_workdir,
+                                  tmp_path):
+  """Drop the last checkpoint and re-run: same final state, bit for bit."""
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  step, reference = final_params(transformer_workdir, config,
+                                 tokenizer_workdir)
+  assert step == 4
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(transformer_workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  os.remove(os.path.join(resumed, "metrics.jsonl"))
+  jobs.run("train", config, resumed)
+  rows = [r for r in read_metrics(resumed) if "loss" in r]
+  assert [r["step"] for r in rows] == [3, 4]   # resumed from step 2
+  original = {r["step"]: r for r in read_metrics(transformer_workdir)
+              if "loss" in r}
+  for row in rows:  # the same batches and random masks as the first run
+    assert row["loss"] == original[row["step"]]["loss"]
+  step, state = final_params(resumed, config, tokenizer_workdir)
+  assert step == 4
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
+
+
+def tiny_transformer_setup():
+  config = load_config("maskgit_fashion_mnist")
+  model = transformer_stage.build_model(config, 16, 16)
+  tx = transformer_stage.build_optimizer(config)
+  labels = np.arange(8, dtype=np.int32)
+  # Each class has its own token pattern: learnable from the class token.
+  tokens = (labels[:, None] * 3 + np.arange(16)[None, :] ** 2) % 16
+  batch = {"tokens": tokens.astype(np.int32), "label": labels}
+  return config, model, tx, batch
+
+
+def test_transformer_loss_falls_on_a_fixed_batch():
+  config, model, tx, batch = tiny_transformer_setup()
+  config.transformer.update(hidden_size=64, num_layers=2, num_heads=4,
+                            mlp_dim=128, dropout_rate=0.0,
+                            attention_dropout_rate=0.0)
+  config.optimizer.update(learning_rate=3e-3, warmup_steps=0,
+                          schedule="constant", weight_decay=0.0)
+  config.label_smoothing = 0.0
+  model = transformer_stage.build_model(config, 16, 16)
+  tx = transformer_stage.build_optimizer(config)
+  state = transformer_stage.init_state(model, tx, jax.random.key(0))
+  step = jax.jit(lambda s, b: transformer_stage.train_step(config, model, tx,
+                                                           s, b))
+  losses = []
+  for _ in range(50):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_tokenizer_loss_falls_on_a_fixed_batch(data_dirs):
+  config = tokenizer_config(data_dirs)
+  config.num_train_steps = 50
+  config.optimizer.learning_rate = 3e-3
+  model = tokenizer_stage.build_tokenizer(config)
+  disc = tokenizer_stage.build_discriminator(config)
+  txs = tokenizer_stage.build_optimizers(config)
+  state = tokenizer_stage.init_state(config, model, disc, txs,
+                                     jax.random.key(0))
+  images = garments(8, 3)[0][..., None].repeat(3, -1) / 255.0
+  batch = {"image": np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))
+                           ).astype(np.float32)}
+  step = jax.jit(lambda s, b: tokenizer_stage.train_step(
+      config, model, disc, txs, None, s, b))
+  losses = []
+  for _ in range(50):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["reconstruction_loss"]))
+  assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_one_and_eight_devices_take_the_same_step():
+  config, model, tx, batch = tiny_transformer_setup()
+  state = transformer_stage.init_state(model, tx, jax.random.key(0))
+  step = lambda s, b: transformer_stage.train_step(config, model, tx, s, b)
+  single, single_metrics = jax.jit(step)(state, batch)
+
+  mesh = parallel.create_mesh({"data": 4, "fsdp": 2})
+  shardings = parallel.fsdp_sharding(state, mesh, min_size=1)
+  assert any(s.spec != jax.sharding.PartitionSpec()
+             for s in jax.tree.leaves(shardings))
+  sharded_step = jax.jit(
+      step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+      out_shardings=(shardings, parallel.replicated(mesh)))
+  with jax.set_mesh(mesh):
+    sharded, sharded_metrics = sharded_step(
+        jax.device_put(state, shardings), parallel.global_batch(batch, mesh))
+  np.testing.assert_allclose(sharded_metrics["loss"], single_metrics["loss"],
+                             rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(sharded.params),
+                  jax.tree.leaves(single.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "-m", "maskgit_jax.main", *args],
+                        capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, XLA_FLAGS=""))
+
+
+def test_cli_missing_token_cache_names_the_command(tmp_path):
+  result = run_main("--config=configs/maskgit_fashion_mnist.py:tiny",
+                    f"--workdir={tmp_path / 'run'}",
+                    f"--config.tokenizer_workdir={tmp_path / 'nothing'}")
+  assert result.returncode != 0
+  assert "--mode=tokenize" in result.stderr
+  assert str(tmp_path / "nothing") in result.stderr
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+  result = run_main("--config=configs/maskgit_fashion_mnist.py:tiny",
+                    f"--workdir={tmp_path / 'run'}", "--config.bach_size=3")
+  assert result.returncode != 0 and "bach_size" in result.stderr
+
+
+def test_bad_configs_fail_before_compiling(data_dirs, tmp_path):
+  config = tokenizer_config(data_dirs)
+  config.data.image_size = 30
+  with pytest.raises(ValueError, match="image_size=30"):
+    jobs.run("train", config, str(tmp_path / "a"))
+  config = load_config("maskgit_fashion_mnist")
+  config.mask_schedule = "cosinus"
+  with pytest.raises(ValueError, match="cosinus"):
+    jobs.run("train", config, str(tmp_path / "b"))
