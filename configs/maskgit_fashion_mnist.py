@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
   c.batch_size = 64
   c.num_train_steps = 1500
   c.checkpoint_every_steps = 500
-  c.eval_every_steps = 500
+  c.eval_every_steps = 1500          # a sample grid costs a compile on CPU
   c.log_every_steps = 50
   c.ema_decay = 0.995
   c.sampling.update(num_iter=8, samples_per_class=6)

@@ -18,6 +18,7 @@ def get_config(arg: str = ""):
   c = config_base.tokenizer_config()
   c.data.name = "imagenet2012"
   c.data.image_size = 256
+  c.data.eval_split = "validation"  # imagenet2012's test split has no labels
   c.batch_size = 256
   c.eval_batch_size = 128
   c.num_train_steps = 1_000_000

@@ -276,6 +276,45 @@ def test_one_and_eight_devices_take_the_same_step():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_one_and_eight_devices_take_the_same_tokenizer_step(data_dirs):
+  config = tokenizer_config(data_dirs)
+  config.losses.perceptual_weight = 0.0
+  model = tokenizer_stage.build_tokenizer(config)
+  disc = tokenizer_stage.build_discriminator(config)
+  txs = tokenizer_stage.build_optimizers(config)
+  state = tokenizer_stage.init_state(config, model, disc, txs,
+                                     jax.random.key(0))
+  state["generator"] = state["generator"].replace(step=jnp.int32(5))  # GAN on
+  images = garments(8, 3)[0][..., None].repeat(3, -1) / 255.0
+  batch = {"image": np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))
+                           ).astype(np.float32)}
+  step = lambda s, b: tokenizer_stage.train_step(config, model, disc, txs,
+                                                 None, s, b)
+  single, single_metrics = jax.jit(step)(state, batch)
+  mesh = parallel.create_mesh({"data": 8})
+  replicated = parallel.fsdp_sharding(state, mesh)
+  sharded, sharded_metrics = jax.jit(
+      step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+      out_shardings=(replicated, parallel.replicated(mesh)))(
+          jax.device_put(state, replicated), parallel.global_batch(batch, mesh))
+  for key in ("loss", "discriminator_loss", "r1_penalty"):
+    np.testing.assert_allclose(sharded_metrics[key], single_metrics[key],
+                               rtol=1e-4, atol=1e-6)
+  # Adam's moments hold the gradients. (Its first update is about
+  # lr * sign(g), which float noise can flip where g ~ 0, so parameters are
+  # compared at the scale of one step.)
+  for part in ("generator", "discriminator"):
+    for a, b in zip(jax.tree.leaves(sharded[part].opt_state),
+                    jax.tree.leaves(single[part].opt_state)):
+      # Summation order differs across devices: compare leaf norms.
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b) + 1e-12
+    lr = config.optimizer.learning_rate
+    for a, b in zip(jax.tree.leaves(sharded[part].params),
+                    jax.tree.leaves(single[part].params)):
+      np.testing.assert_allclose(a, b, atol=2 * lr)
+
+
 def run_main(*args):
   return subprocess.run([sys.executable, "-m", "maskgit_jax.main", *args],
                         capture_output=True, text=True, cwd=REPO,
