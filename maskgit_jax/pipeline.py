@@ -73,6 +73,23 @@ class Pipeline:
     return restore.pipeline_from_workdirs(cls, tokenizer_workdir,
                                           transformer_workdir, step)
 
+  @classmethod
+  def from_official(cls, tokenizer: str, transformer: str) -> "Pipeline":
+    """Loads a released MaskGIT checkpoint pair (flax msgpack files).
+
+    Every size is inferred from the parameter trees; the token grid is
+    square (16x16 at 256px, 32x32 at 512px). See `maskgit_jax.official`.
+    """
+    from maskgit_jax import official
+    k_model, k_params, t_model, t_params = official.load_official(
+        tokenizer, transformer)
+    side = int(round(t_model.num_tokens**0.5))
+    if side * side != t_model.num_tokens:
+      raise official.OfficialCheckpointError(
+          f"The transformer has {t_model.num_tokens} image positions, not a "
+          "square grid.")
+    return cls(k_model, k_params, t_model, t_params, token_shape=(side, side))
+
   # --- tokens <-> images ---------------------------------------------------
 
   @functools.partial(jax.jit, static_argnums=0)
