@@ -9,6 +9,7 @@ older one is deleted only after a newer one is committed.
 """
 
 import logging
+import os
 from typing import Any, Optional, Tuple
 
 import grain
@@ -56,7 +57,9 @@ class Checkpointer:
     steps = [step] if step is not None else self.all_steps()[::-1]
     for candidate in steps:
       items = {STATE: ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
+      # Imported weights (tools/import_official) carry no data position:
+      # such a run starts its data from the beginning.
+      if data_iterator is not None and self._has_data(candidate):
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
         restored = self.manager.restore(candidate,
@@ -68,6 +71,9 @@ class Checkpointer:
         continue
       return candidate, restored[STATE]
     return None, None
+
+  def _has_data(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), DATA))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

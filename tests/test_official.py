@@ -108,3 +108,15 @@ def test_codebook_sizes_that_disagree(tmp_path):
   path = rewrite(tmp_path, TOKENIZER, grow)
   with pytest.raises(official.OfficialCheckpointError, match="belong"):
     Pipeline.from_official(tokenizer=path, transformer=TRANSFORMER)
+
+
+def test_import_tool_writes_workdirs_that_sample_the_same(tmp_path, pipe):
+  from maskgit_jax.tools import import_official
+  k_dir, t_dir = import_official.import_official(
+      TOKENIZER, TRANSFORMER, str(tmp_path / "out"))
+  loaded = Pipeline.from_workdirs(k_dir, t_dir)
+  np.testing.assert_array_equal(loaded.generate([1, 2], seed=3, num_iter=4),
+                                pipe.generate([1, 2], seed=3, num_iter=4))
+  with pytest.raises(FileExistsError):
+    import_official.import_official(TOKENIZER, TRANSFORMER,
+                                    str(tmp_path / "out"))
