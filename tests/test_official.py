@@ -120,3 +120,35 @@ def test_import_tool_writes_workdirs_that_sample_the_same(tmp_path, pipe):
   with pytest.raises(FileExistsError):
     import_official.import_official(TOKENIZER, TRANSFORMER,
                                     str(tmp_path / "out"))
+
+
+def test_edit_regenerates_only_the_box(pipe, reference):
+  from maskgit_jax.pipeline import box_mask
+  images = reference["images"]
+  mask = box_mask((32, 32), 8, 8, 8, 8)
+  edited = pipe.edit(images, mask, [3, 7], seed=1, num_iter=6, start_iter=2)
+  assert edited.shape == (2, 32, 32, 3) and edited.dtype == np.uint8
+  original = np.round(images * 255).astype(np.uint8)
+  # Far from the blurred box the original pixels come back unchanged.
+  np.testing.assert_array_equal(edited[:, 26:], original[:, 26:])
+  assert np.abs(edited[:, 8:16, 8:16].astype(int) -
+                original[:, 8:16, 8:16]).mean() > 1
+  raw = pipe.edit(images, mask, [3, 7], seed=1, num_iter=6, blend=False)
+  assert raw.shape == edited.shape
+  with pytest.raises(ValueError, match="start_iter"):
+    pipe.edit(images, mask, [3, 7], num_iter=6, start_iter=6)
+
+
+def test_token_mask_and_outpainting_canvas(pipe):
+  from maskgit_jax.pipeline import box_mask, extend_canvas
+  cells = pipe.token_mask(box_mask((32, 32), 4, 4, 2, 2)[None])
+  assert cells.sum() == 1 and cells[0, 1, 1]
+  assert pipe.token_mask(box_mask((32, 32), 4, 4, 2, 2)[None],
+                         dilate=1).sum() == 9
+  images = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)
+  canvas, mask = extend_canvas(images, 8, "right")
+  np.testing.assert_array_equal(canvas[:, :, :24], images[:, :, 8:])
+  assert mask[:, :, 24:].all() and not mask[:, :, :24].any()
+  out = pipe.edit(canvas, mask, [5], num_iter=4, start_iter=0)
+  np.testing.assert_array_equal(
+      out[:, :, :8], np.round(canvas[:, :, :8] * 255).astype(np.uint8))
