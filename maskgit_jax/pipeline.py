@@ -38,6 +38,20 @@ def guided_logits(model: transformer_lib.MaskGITTransformer, params,
   return cond + guidance_scale * (cond - uncond)
 
 
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def guidance_at(scale, schedule: str, step, num_iter: int):
+  """Guidance scale at iteration `step`: constant, or rising from ~0 to
+  `scale` over the iterations (linear or half-cosine)."""
+  progress = (step + 1).astype(jnp.float32) / num_iter
+  if schedule == "linear":
+    return scale * progress
+  if schedule == "cosine":
+    return scale * (1.0 - jnp.cos(jnp.pi * progress)) / 2.0
+  return scale
+
+
 def image_logits(model, params, tokens):
   return model.apply({"params": params}, tokens)[..., :model.codebook_size]
 
@@ -148,18 +162,19 @@ class Pipeline:
 
   @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
   def _generate(self, t_params, k_params, inputs, rng, num_iter, schedule,
-                use_guidance, start_iter, choice_temperature, guidance_scale,
+                guidance, start_iter, choice_temperature, guidance_scale,
                 temperature):
-    if use_guidance:
-      to_logits = lambda tokens: guided_logits(
-          self.transformer, t_params, tokens, guidance_scale)
-    else:
-      to_logits = lambda tokens: image_logits(self.transformer, t_params,
-                                              tokens)
+    """`guidance`: None, or the name of the guidance-scale schedule."""
+    def to_logits(tokens, step):
+      if guidance is None:
+        return image_logits(self.transformer, t_params, tokens)
+      scale = guidance_at(guidance_scale, guidance, step, num_iter)
+      return guided_logits(self.transformer, t_params, tokens, scale)
+
     tokens = sampling.decode(to_logits, inputs, rng, num_iter=num_iter,
                              choice_temperature=choice_temperature,
                              schedule=schedule, temperature=temperature,
-                             start_iter=start_iter)
+                             start_iter=start_iter, pass_step=True)
     indices = tokens[:, 1:].reshape((-1,) + self.token_shape)
     images = self.tokenizer.apply({"params": k_params}, indices,
                                   method=self.tokenizer.decode_from_indices)
@@ -167,9 +182,14 @@ class Pipeline:
 
   def generate(self, class_ids, seed: int = 0, num_iter: int = 8,
                choice_temperature: float = 4.5, guidance_scale: float = 0.0,
-               temperature: float = 1.0,
-               schedule: Optional[str] = None) -> np.ndarray:
-    """Class-conditional samples: uint8 images [B, H, W, C]."""
+               temperature: float = 1.0, schedule: Optional[str] = None,
+               guidance_schedule: str = "constant") -> np.ndarray:
+    """Class-conditional samples: uint8 images [B, H, W, C].
+
+    guidance_scale > 0 applies classifier-free guidance, at that scale
+    throughout (`guidance_schedule="constant"`) or rising to it over the
+    iterations ("linear", "cosine").
+    """
     if not isinstance(num_iter, int) or num_iter < 1:
       raise ValueError(f"num_iter must be a positive int, got {num_iter!r}.")
     schedule = schedule or self.mask_schedule
@@ -181,7 +201,8 @@ class Pipeline:
     inputs[:, 0] = classes
     images = self._generate(
         self.transformer_params, self.tokenizer_params, inputs,
-        jax.random.key(seed), num_iter, schedule, guidance_scale != 0.0, 0,
+        jax.random.key(seed), num_iter, schedule,
+        _guidance(guidance_scale, guidance_schedule), 0,
         jnp.float32(choice_temperature), jnp.float32(guidance_scale),
         jnp.float32(temperature))
     return np.asarray(images)
@@ -211,7 +232,8 @@ class Pipeline:
   def edit(self, images, mask, class_ids, seed: int = 0, num_iter: int = 12,
            start_iter: int = 2, choice_temperature: float = 4.5,
            guidance_scale: float = 0.0, temperature: float = 1.0,
-           dilate: int = 0, blend: bool = True) -> np.ndarray:
+           dilate: int = 0, blend: bool = True,
+           guidance_schedule: str = "constant") -> np.ndarray:
     """Regenerates the masked part of `images` under `class_ids`.
 
     One call covers the official demo's edits: inpainting (mask a region),
@@ -249,13 +271,21 @@ class Pipeline:
     edited = np.asarray(self._generate(
         self.transformer_params, self.tokenizer_params, inputs,
         jax.random.key(seed), num_iter, self.mask_schedule,
-        guidance_scale != 0.0, start_iter, jnp.float32(choice_temperature),
+        _guidance(guidance_scale, guidance_schedule), start_iter,
+        jnp.float32(choice_temperature),
         jnp.float32(guidance_scale), jnp.float32(temperature)))
     if not blend:
       return edited
     weight = soft_mask(cells, images.shape[1:3])[..., None]
     original = np.round(np.clip(images, 0, 1) * 255)
     return np.round(edited * weight + original * (1 - weight)).astype(np.uint8)
+
+
+def _guidance(scale: float, schedule: str) -> Optional[str]:
+  if schedule not in GUIDANCE_SCHEDULES:
+    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, "
+                     f"got {schedule!r}.")
+  return None if scale == 0.0 else schedule
 
 
 def soft_mask(cells: np.ndarray, size) -> np.ndarray:

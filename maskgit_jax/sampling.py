@@ -107,7 +107,8 @@ def decode(tokens_to_logits: TokensToLogits,
            schedule: str = "cosine",
            start_iter: int = 0,
            temperature: float = 1.0,
-           return_history: bool = False):
+           return_history: bool = False,
+           pass_step: bool = False):
   """Fills every `mask_token_id` in `inputs` by iterative parallel decoding.
 
   Args:
@@ -126,6 +127,9 @@ def decode(tokens_to_logits: TokensToLogits,
     temperature: softmax temperature of the token sampling. The confidence
       is the probability under this same tempered distribution.
     return_history: also return a `DecodeHistory`.
+    pass_step: call `tokens_to_logits(tokens, step)` with the iteration
+      index (a traced int32), e.g. for a guidance scale that follows a
+      schedule over the iterations.
 
   Returns:
     int32 [B, N] tokens without mask ids, or (tokens, DecodeHistory).
@@ -146,8 +150,9 @@ def decode(tokens_to_logits: TokensToLogits,
     tokens, history = carry
     sample_rng, choice_rng = jax.random.split(jax.random.fold_in(rng, step))
     unknown = tokens == mask_token_id
-    sampled, prob = sample_categorical(
-        sample_rng, tokens_to_logits(tokens), temperature)
+    logits = (tokens_to_logits(tokens, step) if pass_step else
+              tokens_to_logits(tokens))
+    sampled, prob = sample_categorical(sample_rng, logits, temperature)
     sampled = jnp.where(unknown, sampled, tokens)
 
     count = num_left_masked(step, num_iter, initial_unknown,

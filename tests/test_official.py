@@ -152,3 +152,26 @@ def test_token_mask_and_outpainting_canvas(pipe):
   out = pipe.edit(canvas, mask, [5], num_iter=4, start_iter=0)
   np.testing.assert_array_equal(
       out[:, :, :8], np.round(canvas[:, :, :8] * 255).astype(np.uint8))
+
+
+def test_classifier_free_guidance(pipe, reference):
+  import jax.numpy as jnp
+  from maskgit_jax.pipeline import guided_logits, guidance_at
+  tokens = jnp.asarray(reference["tokens"])
+  apply = lambda t: pipe.transformer.apply(
+      {"params": pipe.transformer_params}, t)[..., :CODEBOOK]
+  cond, uncond = apply(tokens), apply(tokens.at[:, 0].set(-1))
+  guided = guided_logits(pipe.transformer, pipe.transformer_params, tokens,
+                         2.0)
+  np.testing.assert_allclose(guided, cond + 2.0 * (cond - uncond),
+                             rtol=1e-5, atol=1e-5)
+  steps = jnp.arange(4)
+  np.testing.assert_allclose(guidance_at(2.0, "linear", steps, 4),
+                             [0.5, 1.0, 1.5, 2.0])
+  np.testing.assert_allclose(guidance_at(2.0, "cosine", steps, 4)[-1], 2.0)
+  constant = pipe.generate([1, 2], seed=0, num_iter=4, guidance_scale=3.0)
+  rising = pipe.generate([1, 2], seed=0, num_iter=4, guidance_scale=3.0,
+                         guidance_schedule="linear")
+  assert constant.shape == rising.shape
+  with pytest.raises(ValueError, match="guidance_schedule"):
+    pipe.generate([1], guidance_scale=1.0, guidance_schedule="step")
