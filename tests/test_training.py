@@ -345,3 +345,58 @@ def test_bad_configs_fail_before_compiling(data_dirs, tmp_path):
   config.mask_schedule = "cosinus"
   with pytest.raises(ValueError, match="cosinus"):
     jobs.run("train", config, str(tmp_path / "b"))
+
+
+def test_nonfinite_update_is_skipped_when_configured():
+  config, model, tx, batch = tiny_transformer_setup()
+  config.on_nonfinite = "skip"
+  state = transformer_stage.init_state(model, tx, jax.random.key(0))
+  poisoned = state.replace(params=jax.tree.map(
+      lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params))
+  step = jax.jit(lambda s, b: transformer_stage.train_step(config, model, tx,
+                                                           s, b))
+  after, metrics = step(poisoned, batch)
+  assert float(metrics["skipped_updates"]) == 1.0
+  assert int(after.step) == 1
+  for a, b in zip(jax.tree.leaves(after.opt_state),
+                  jax.tree.leaves(poisoned.opt_state)):
+    np.testing.assert_array_equal(a, b)
+  healthy, metrics = step(state, batch)
+  assert float(metrics["skipped_updates"]) == 0.0
+
+
+def test_nonfinite_loss_stops_with_the_step_named(tokenizer_workdir,
+                                                  tmp_path):
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  config.optimizer.learning_rate = float("nan")
+  from maskgit_jax.train import loop
+  with pytest.raises(loop.NonFiniteLossError, match="step 2"):
+    jobs.run("train", config, str(tmp_path / "nan"))
+  assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "2")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenizer_workdir,
+                                                      tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "preempted"
+  process = subprocess.Popen(
+      [sys.executable, "-m", "maskgit_jax.main",
+       "--config=configs/maskgit_fashion_mnist.py:tiny",
+       f"--workdir={workdir}", f"--config.tokenizer_workdir={tokenizer_workdir}",
+       "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+       "--config.eval_every_steps=100000"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, XLA_FLAGS=""))
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-2000:]
+  assert "Re-run the same command" in stderr
+  saved = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 3

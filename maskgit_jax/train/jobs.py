@@ -65,6 +65,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a config before anything is compiled."""
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r}; valid: {STAGES}.")
+  if config.on_nonfinite not in ("error", "skip"):
+    raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; valid: "
+                     "'error', 'skip'.")
   for key in ("num_train_steps", "batch_size", "checkpoint_every_steps",
               "log_every_steps", "eval_every_steps"):
     if int(config[key]) < 1:

@@ -10,7 +10,9 @@ Re-running the same command on the same workdir resumes where it stopped.
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -62,6 +64,25 @@ def announce(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class PreemptionFlag:
+  """Records SIGTERM (a preemption notice) instead of dying at once, so the
+  loop can checkpoint the current step first. Main thread only."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._record)
+
+  def _record(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def check_finite(step: int, scalars: Dict[str, float]) -> None:
   bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
   if bad:
@@ -109,6 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   window: List[Dict[str, Any]] = []
   window_start = time.perf_counter()
   step = start
+  preempted = PreemptionFlag()
   try:
     while step < config.num_train_steps:
       batch = parallel.global_batch(next(iterator), mesh)
@@ -125,8 +147,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}")
         window, window_start = [], time.perf_counter()
       if (step % config.checkpoint_every_steps == 0 or
-          step == config.num_train_steps):
+          step == config.num_train_steps or preempted.signal):
+        if window:  # Never checkpoint a state that came from a bad step.
+          check_finite(step, summarize(jax.device_get(window)))
         ckpt.save(step, state, iterator, force=True)
+      if preempted.signal:
+        ckpt.wait()
+        announce(f"Stopped by signal {preempted.signal} at step {step}; the "
+                 f"checkpoint is saved in {workdir}. Re-run the same command "
+                 "to resume.")
+        raise SystemExit(0)
       if stage.evaluate is not None and (
           step % config.eval_every_steps == 0 or
           step == config.num_train_steps):
@@ -134,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if scalars:
           writer.write_scalars(step, scalars)
   finally:
+    preempted.restore()
     progress.close()
     ckpt.close()
     writer.close()

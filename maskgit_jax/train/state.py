@@ -52,3 +52,15 @@ def step_rng(state_rng: jnp.ndarray, step: jnp.ndarray) -> jax.Array:
   random numbers an uninterrupted one would.
   """
   return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+
+
+def keep_if_finite(loss: jnp.ndarray, grads, new_state, old_state):
+  """new_state when the loss and every gradient are finite, else old_state
+  with only the step advanced (config.on_nonfinite = "skip").
+
+  Returns (state, skipped as float32 0/1)."""
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state,
+                      old_state.replace(step=new_state.step))
+  return kept, 1.0 - finite.astype(jnp.float32)

@@ -131,15 +131,22 @@ def train_step(config: ml_collections.ConfigDict, model: vqgan_lib.VQGAN,
     d_total = d_adversarial = r1 = jnp.zeros((), jnp.float32)
     d_state = d_state.replace(step=d_state.step + 1)
 
-  new_state = {
-      "generator": g_state.apply_gradients(g_grads, txs["generator"],
-                                           config.ema_decay),
-      "discriminator": d_state,
-  }
+  new_g_state = g_state.apply_gradients(g_grads, txs["generator"],
+                                        config.ema_decay)
+  skipped = jnp.zeros((), jnp.float32)
+  if config.on_nonfinite == "skip":
+    new_g_state, skipped = state_lib.keep_if_finite(
+        g_total, g_grads, new_g_state, g_state)
+    if uses_gan(config):
+      d_state, d_skipped = state_lib.keep_if_finite(
+          d_total, d_grads, d_state, state["discriminator"])
+      skipped = jnp.maximum(skipped, d_skipped)
+  new_state = {"generator": new_g_state, "discriminator": d_state}
   metrics = dict(terms)
   metrics.update(
       loss=g_total, generator_loss=g_total, discriminator_loss=d_total,
       discriminator_adversarial_loss=d_adversarial, r1_penalty=r1,
+      skipped_updates=skipped,
       psnr=jnp.mean(losses.psnr(jnp.clip(recon, 0.0, 1.0), images)),
       code_counts=jnp.bincount(indices.reshape(-1),
                                length=model.codebook_size))

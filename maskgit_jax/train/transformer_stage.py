@@ -93,10 +93,15 @@ def train_step(config: ml_collections.ConfigDict,
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   new_state = state.apply_gradients(grads, tx, config.ema_decay)
+  skipped = jnp.zeros((), jnp.float32)
+  if config.on_nonfinite == "skip":
+    new_state, skipped = state_lib.keep_if_finite(loss, grads, new_state,
+                                                  state)
   metrics = {
       "loss": loss,
       "masked_accuracy": losses.masked_accuracy(logits, tokens, mask),
       "mask_ratio": jnp.mean(mask),
       "grad_norm": optax.tree.norm(grads),
+      "skipped_updates": skipped,
   }
   return new_state, metrics
