@@ -104,6 +104,26 @@ class Pipeline:
           "square grid.")
     return cls(k_model, k_params, t_model, t_params, token_shape=(side, side))
 
+  @classmethod
+  def random(cls, seed: int = 0, num_classes: int = 10,
+             image_size: int = 32) -> "Pipeline":
+    """A small pipeline with random weights, to try the API without any
+    checkpoint (its images are noise-like, not samples of anything)."""
+    tokenizer = vqgan_lib.VQGAN(filters=16, channel_multipliers=(1, 2, 2),
+                                num_res_blocks=1, embedding_dim=16,
+                                codebook_size=64, num_groups=8)
+    side = image_size // tokenizer.downsample_factor
+    transformer = transformer_lib.MaskGITTransformer(
+        codebook_size=64, num_classes=num_classes, num_tokens=side * side,
+        hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128)
+    k_rng, t_rng = jax.random.split(jax.random.key(seed))
+    k_params = tokenizer.init(
+        k_rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
+    t_params = transformer.init(
+        t_rng, jnp.zeros((1, transformer.seq_len), jnp.int32))["params"]
+    return cls(tokenizer, k_params, transformer, t_params,
+               token_shape=(side, side))
+
   # --- tokens <-> images ---------------------------------------------------
 
   @functools.partial(jax.jit, static_argnums=0)
