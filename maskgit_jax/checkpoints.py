@@ -10,6 +10,7 @@ older one is deleted only after a newer one is committed.
 
 import logging
 import os
+import time
 from typing import Any, Optional, Tuple
 
 import grain
@@ -47,12 +48,15 @@ class Checkpointer:
                              force=force)
 
   def restore(self, abstract_state: Any, data_iterator: Any = None,
-              step: Optional[int] = None) -> Tuple[Optional[int], Any]:
+              step: Optional[int] = None,
+              set_aside_damaged: bool = False) -> Tuple[Optional[int], Any]:
     """Restores the newest readable checkpoint (or `step`).
 
     A checkpoint that fails to load (damaged or missing files) is reported by
     a warning naming it, and the next older one is tried. Returns
     (step, state), or (None, None) when there is nothing to restore.
+    With `set_aside_damaged` (training), an unreadable checkpoint is moved to
+    `<directory>_damaged/` so that its step can be written again.
     """
     steps = [step] if step is not None else self.all_steps()[::-1]
     for candidate in steps:
@@ -68,9 +72,25 @@ class Checkpointer:
         logging.warning("Checkpoint %s/%d could not be restored (%s: %s); "
                         "trying an older one.", self.directory, candidate,
                         type(error).__name__, error)
+        if set_aside_damaged:
+          self._set_aside(candidate)
         continue
       return candidate, restored[STATE]
     return None, None
+
+  def _set_aside(self, step: int) -> None:
+    """Moves an unreadable checkpoint out of the way (never deletes it), so
+    training can write that step again."""
+    source = os.path.join(self.directory, str(step))
+    target_dir = self.directory.rstrip("/") + "_damaged"
+    target = os.path.join(target_dir, f"{step}-{int(time.time())}")
+    if not os.path.isdir(source):
+      return
+    os.makedirs(target_dir, exist_ok=True)
+    os.rename(source, target)
+    self.manager.reload()
+    logging.warning("Moved the unreadable checkpoint %s to %s.", source,
+                    target)
 
   def _has_data(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), DATA))

@@ -400,3 +400,32 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenizer_workdir,
   assert "Re-run the same command" in stderr
   saved = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
   assert len(saved) == 1 and saved[0] >= 3
+
+
+def test_damaged_newest_checkpoint_falls_back_and_is_kept(
+    tokenizer_workdir, transformer_workdir, tmp_path, caplog):
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  _, reference = final_params(transformer_workdir, config, tokenizer_workdir)
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(transformer_workdir, workdir)
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+  damaged = 0
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      if name.startswith(("manifest", "_METADATA")):
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(7)
+        damaged += 1
+  assert damaged
+  with caplog.at_level("WARNING"):
+    jobs.run("train", config, workdir)
+  assert "checkpoints/4 could not be restored" in caplog.text
+  rows = [r["step"] for r in read_metrics(workdir) if "loss" in r]
+  assert rows == [3, 4]  # resumed from step 2
+  aside = os.listdir(os.path.join(workdir, "checkpoints_damaged"))
+  assert len(aside) == 1 and aside[0].startswith("4-")
+  _, state = final_params(workdir, config, tokenizer_workdir)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)

@@ -110,7 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   keep=config.keep_checkpoints)
   restored_step, restored = ckpt.restore(
-      checkpoints.abstract_like(state, state_shardings), iterator)
+      checkpoints.abstract_like(state, state_shardings), iterator,
+      set_aside_damaged=True)
   start = 0
   if restored is not None:
     state, start = restored, int(restored_step)
