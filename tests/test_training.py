@@ -429,3 +429,78 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(
   _, state = final_params(workdir, config, tokenizer_workdir)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(a, b)
+
+
+def run_to_completion(args, workdir):
+  result = subprocess.run(
+      [sys.executable, "-m", "maskgit_jax.main", *args,
+       f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, XLA_FLAGS=""))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def kill_after_step(args, workdir, step):
+  """Starts a run and SIGKILLs it once `step` is logged."""
+  import signal
+  import time
+  process = subprocess.Popen(
+      [sys.executable, "-m", "maskgit_jax.main", *args,
+       f"--workdir={workdir}"], cwd=REPO, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL, env=dict(os.environ, XLA_FLAGS=""))
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= step:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+
+
+def restored_leaves(workdir, init_state):
+  step, state = restore.restore_state(workdir, init_state)
+  return step, jax.tree.leaves(state)
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "transformer"])
+def test_kill_9_then_rerun_is_bitwise_identical(stage, data_dirs,
+                                                tokenizer_workdir, tmp_path):
+  if stage == "tokenizer":
+    config = tokenizer_config(data_dirs)
+    config.losses.perceptual_weight = 0.0  # saves compiling VGG three times
+    args = ["--config=configs/vqgan_fashion_mnist.py:tiny",
+            f"--config.data.source_dir={data_dirs[0]}",
+            f"--config.data.data_dir={data_dirs[1]}",
+            "--config.losses.perceptual_weight=0"]
+  else:
+    config = load_config("maskgit_fashion_mnist")
+    config.tokenizer_workdir = tokenizer_workdir
+    args = ["--config=configs/maskgit_fashion_mnist.py:tiny",
+            f"--config.tokenizer_workdir={tokenizer_workdir}"]
+  args += ["--config.num_train_steps=40", "--config.checkpoint_every_steps=4",
+           "--config.eval_every_steps=40"]
+  config.num_train_steps = 40
+  reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+  run_to_completion(args, reference)
+  kill_after_step(args, interrupted, step=5)
+  logged = len(open(interrupted / "metrics.jsonl").readlines())
+  assert 5 <= logged < 40, "the run was not interrupted part-way"
+  run_to_completion(args, interrupted)
+
+  if stage == "tokenizer":
+    model = tokenizer_stage.build_tokenizer(config)
+    disc = tokenizer_stage.build_discriminator(config)
+    init = lambda rng: tokenizer_stage.init_state(
+        config, model, disc, tokenizer_stage.build_optimizers(config), rng)
+  else:
+    source = tokens_lib.TokenSource(restore.token_dir(tokenizer_workdir))
+    model = transformer_stage.build_model(
+        config, source.metadata["codebook_size"],
+        int(np.prod(source.token_shape)))
+    init = lambda rng: transformer_stage.init_state(
+        model, transformer_stage.build_optimizer(config), rng)
+  step_a, want = restored_leaves(str(reference), init)
+  step_b, got = restored_leaves(str(interrupted), init)
+  assert step_a == step_b == 40
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
