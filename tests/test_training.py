@@ -504,3 +504,31 @@ def test_kill_9_then_rerun_is_bitwise_identical(stage, data_dirs,
   assert step_a == step_b == 40
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
+
+
+def test_more_bad_configs_fail_before_compiling(data_dirs, tokenizer_workdir,
+                                                tmp_path):
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  config.batch_size = 12   # 8 fake devices
+  with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8"):
+    jobs.run("train", config, str(tmp_path / "a"))
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  config.num_classes = 5
+  with pytest.raises(ValueError, match="10 classes but config.num_classes=5"):
+    jobs.run("train", config, str(tmp_path / "b"))
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  config.optimizer.name = "sgdx"
+  with pytest.raises(ValueError, match="'sgdx'.*adamw"):
+    jobs.run("train", config, str(tmp_path / "c"))
+  config = tokenizer_config(data_dirs)
+  config.data.name = "no_such_dataset"
+  with pytest.raises(ValueError, match="no_such_dataset"):
+    jobs.run("train", config, str(tmp_path / "d"))
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = str(tmp_path / "empty")
+  os.makedirs(config.tokenizer_workdir)
+  with pytest.raises(FileNotFoundError, match="--mode=tokenize"):
+    jobs.run("train", config, str(tmp_path / "e"))
