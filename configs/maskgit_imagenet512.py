@@ -10,18 +10,15 @@ workdir must hold a 512x512 token cache (the same tokenizer, tokenized at
        --config.tokenizer_workdir=gs://$BUCKET/vqgan512"
 """
 
-import importlib.util
 import os
+
+from maskgit_jax import config_base
 
 
 def get_config(arg: str = ""):
   del arg
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "maskgit_imagenet256.py")
-  spec = importlib.util.spec_from_file_location("maskgit_imagenet256", path)
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  c = base.get_config()
+  c = config_base.from_file(os.path.join(os.path.dirname(
+      os.path.abspath(__file__)), "maskgit_imagenet256.py"))
   c.tokenizer_workdir = "workdirs/vqgan_imagenet512"
   c.sampling.num_iter = 12
   return c

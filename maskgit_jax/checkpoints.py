@@ -103,10 +103,8 @@ class Checkpointer:
     self.manager.close()
 
 
-def abstract_like(state: Any, shardings: Any = None) -> Any:
+def abstract_like(state: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs (with shardings) describing `state`, for restore."""
-  if shardings is None:
-    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), state)
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       state, shardings)

@@ -6,7 +6,19 @@ is defined here, so a typo in an override (`--config.bach_size=8`) fails
 instead of being ignored.
 """
 
+import importlib.util
+import os
+
 import ml_collections
+
+
+def from_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file: what `--config=path:arg` loads."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def _data_config(name: str = "fashion_mnist",

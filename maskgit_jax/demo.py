@@ -14,7 +14,6 @@ Workdirs live under --out/workdirs, so re-running resumes (or, when done,
 only redraws the pictures).
 """
 
-import importlib.util
 import json
 import os
 import time
@@ -22,7 +21,6 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 
 _OUT = flags.DEFINE_string("out", "demo_output", "Output folder.")
 _SOURCE_DIR = flags.DEFINE_string(
@@ -35,11 +33,8 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 
 def load_config(name: str):
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from maskgit_jax import config_base
+  return config_base.from_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def last_metrics(workdir: str) -> dict:

@@ -7,6 +7,7 @@ Explicit the default).
 """
 
 import math
+import os
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -104,7 +105,6 @@ def initialize_distributed() -> None:
   and Cloud TPU pods are detected by jax itself. A single process does
   nothing.
   """
-  import os
   if jax.distributed.is_initialized():
     return
   env = os.environ

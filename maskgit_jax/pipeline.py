@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgit_jax import sampling
+from maskgit_jax import schedules
 from maskgit_jax.models import transformer as transformer_lib
 from maskgit_jax.models import vqgan as vqgan_lib
 
@@ -213,7 +214,6 @@ class Pipeline:
     if not isinstance(num_iter, int) or num_iter < 1:
       raise ValueError(f"num_iter must be a positive int, got {num_iter!r}.")
     schedule = schedule or self.mask_schedule
-    from maskgit_jax import schedules
     schedules.validate(schedule)
     classes = self._class_tokens(class_ids)
     inputs = np.full((classes.size, 1 + self.transformer.num_tokens), MASK,

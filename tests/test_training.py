@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maskgit_jax import config_base
 from maskgit_jax import parallel
 from maskgit_jax import Pipeline
 from maskgit_jax.data import tokens as tokens_lib
@@ -30,12 +31,8 @@ NUM_TRAIN, NUM_TEST = 48, 16
 
 
 def load_config(name, arg="tiny"):
-  import importlib.util
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_base.from_file(os.path.join(REPO, "configs", f"{name}.py"),
+                               arg)
 
 
 def write_idx(path, array):

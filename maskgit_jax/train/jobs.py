@@ -18,7 +18,6 @@ import os
 from typing import Any, Dict
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -123,8 +122,7 @@ def tokenizer_stage_for(config, workdir) -> loop.Stage:
       config.data, split=config.data.eval_split,
       global_batch_size=config.num_eval_images, seed=config.seed,
       train=False, process_index=0, process_count=1))["image"]
-  reconstruct = jax.jit(lambda p, x: jnp.clip(model.apply({"params": p}, x)[0],
-                                              0.0, 1.0))
+  reconstruct = jax.jit(functools.partial(tokenizer_stage.reconstruct, model))
 
   def evaluate(state, step):
     recon = np.asarray(reconstruct(
@@ -253,8 +251,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
 def evaluate_tokenizer(config, workdir) -> Dict[str, float]:
   """Reconstruction PSNR over the evaluation split, written to eval.json."""
   k_config, model, params = restore.tokenizer_from_workdir(workdir)
-  reconstruct = jax.jit(lambda p, x: jnp.clip(model.apply({"params": p}, x)[0],
-                                              0.0, 1.0))
+  reconstruct = jax.jit(functools.partial(tokenizer_stage.reconstruct, model))
   iterator = data_pipeline.make_image_iterator(
       k_config.data, split=k_config.data.eval_split,
       global_batch_size=config.eval_batch_size, seed=config.seed,

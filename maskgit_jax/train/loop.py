@@ -103,18 +103,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(stage.init_state, rng)
   state_shardings = parallel.fsdp_sharding(abstract, mesh)
-  state = jax.jit(stage.init_state, out_shardings=state_shardings)(rng)
   constants = jax.device_put(stage.constants, parallel.replicated(mesh))
 
   iterator = stage.make_iterator()
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   keep=config.keep_checkpoints)
-  restored_step, restored = ckpt.restore(
-      checkpoints.abstract_like(state, state_shardings), iterator,
+  restored_step, state = ckpt.restore(
+      checkpoints.abstract_like(abstract, state_shardings), iterator,
       set_aside_damaged=True)
-  start = 0
-  if restored is not None:
-    state, start = restored, int(restored_step)
+  if state is None:  # A fresh run: only now pay for initialisation.
+    state = jax.jit(stage.init_state, out_shardings=state_shardings)(rng)
+    start = 0
+  else:
+    start = int(restored_step)
     announce(f"Resumed {workdir} from step {start}.")
 
   step_fn = jax.jit(

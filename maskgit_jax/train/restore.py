@@ -28,9 +28,8 @@ def restore_state(workdir: str, init_state, step: Optional[int] = None
   """Restores the train state (no data iterator) on the first device."""
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.eval_shape(init_state, jax.random.key(0))
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      abstract)
+  abstract = checkpoints.abstract_like(
+      abstract, jax.tree.map(lambda _: device, abstract))
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   async_save=False)
   try:

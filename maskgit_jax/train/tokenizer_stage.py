@@ -64,6 +64,12 @@ def build_optimizers(config: ml_collections.ConfigDict):
               config.d_optimizer, config.num_train_steps)}
 
 
+def reconstruct(model: vqgan_lib.VQGAN, params, images: jnp.ndarray
+                ) -> jnp.ndarray:
+  """Images through the tokenizer and back, clipped to [0, 1]."""
+  return jnp.clip(model.apply({"params": params}, images)[0], 0.0, 1.0)
+
+
 def init_state(config: ml_collections.ConfigDict, model: vqgan_lib.VQGAN,
                disc: discriminator_lib.Discriminator, txs,
                rng: jax.Array) -> Dict[str, state_lib.TrainState]:
