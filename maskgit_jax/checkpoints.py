@@ -5,11 +5,15 @@ optimizer state, EMA, step, RNG) and `data` (the grain iterator position, one
 file per process). Saves are asynchronous for the arrays; orbax writes into a
 temporary folder and renames it when complete, so an interrupted save is
 never mistaken for a checkpoint. Only the newest `keep` are kept, and an
-older one is deleted only after a newer one is committed.
+older one is deleted only after a newer one is committed. A save that fails
+for lack of space therefore leaves every committed checkpoint as it was;
+`disk_full_error` removes the unfinished folder and says so.
 """
 
+import errno
 import logging
 import os
+import shutil
 import time
 from typing import Any, Optional, Tuple
 
@@ -18,6 +22,64 @@ import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data"
+UNFINISHED_MARK = ".orbax-checkpoint-tmp"
+
+
+class DiskFullError(RuntimeError):
+  """The disk filled up while training wrote checkpoints or metrics."""
+
+
+def disk_full_cause(error: BaseException) -> Optional[BaseException]:
+  """The out-of-space error behind `error`, if any (else None).
+
+  Orbax re-raises failures of its background save thread, so the cause is
+  often several links down the chain; tensorstore reports it as a ValueError
+  whose text carries the OS message rather than as an OSError.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return error
+    if os.strerror(errno.ENOSPC) in str(error):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def remove_unfinished_saves(directory: str) -> list:
+  """Deletes the temporary folders of saves that never completed.
+
+  They are not checkpoints (orbax never restores them), and on a full disk
+  they hold the space a re-run needs. Committed checkpoints are untouched.
+  """
+  removed = []
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return removed
+  for name in sorted(os.listdir(directory)):
+    if UNFINISHED_MARK in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      removed.append(name)
+  return removed
+
+
+def disk_full_error(directory: str, error: BaseException) -> DiskFullError:
+  """A DiskFullError that says what is safe and how to go on."""
+  removed = remove_unfinished_saves(directory)
+  committed = sorted(int(name) for name in os.listdir(directory)
+                     if name.isdigit()) if os.path.isdir(directory) else []
+  where = getattr(disk_full_cause(error), "filename", None) or directory
+  if committed:
+    kept = (f"The newest complete checkpoint, step {committed[-1]} in "
+            f"{directory}, is intact")
+  else:
+    kept = f"No checkpoint had been completed yet in {directory}"
+  unfinished = (f"; the unfinished save ({', '.join(removed)}) was removed"
+                if removed else "")
+  return DiskFullError(
+      f"No space left on the device while writing {where}. {kept}"
+      f"{unfinished}. Free some space (or move the workdir) and re-run the "
+      "same command to resume.")
 
 
 class Checkpointer:

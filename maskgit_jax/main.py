@@ -12,11 +12,14 @@ a PNG grid of class-conditional samples), eval (reconstruction PSNR for a
 tokenizer, a sample grid for a transformer).
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from maskgit_jax import checkpoints
 from maskgit_jax import parallel
 
 MODES = ("train", "tokenize", "sample", "eval")
@@ -36,7 +39,10 @@ def main(argv):
   from maskgit_jax.train import jobs  # After distributed init.
   # Orbax and grain log every save at INFO; our own news goes to stderr.
   logging.set_verbosity(logging.WARNING)
-  jobs.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  try:
+    jobs.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except checkpoints.DiskFullError as error:
+    sys.exit(f"Error: {error}")  # The message says all; skip orbax's trace.
 
 
 if __name__ == "__main__":

@@ -529,3 +529,111 @@ def test_more_bad_configs_fail_before_compiling(data_dirs, tokenizer_workdir,
   os.makedirs(config.tokenizer_workdir)
   with pytest.raises(FileNotFoundError, match="--mode=tokenize"):
     jobs.run("train", config, str(tmp_path / "e"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4 MiB tmpfs (needs root, as on the CI machines); unmounted after."""
+  mount_point = tmp_path / "disk"
+  mount_point.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                            str(mount_point)], capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+  yield mount_point
+  subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill_disk(path, leave_bytes):
+  """Fills the filesystem of `path` with one file, leaving `leave_bytes`."""
+  filler = os.path.join(path, "filler")
+  free = shutil.disk_usage(path).free - leave_bytes
+  with open(filler, "wb") as f:
+    f.write(b"\0" * max(free, 0))
+  return filler
+
+
+def file_bytes(directory):
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      out[os.path.relpath(path, directory)] = open(path, "rb").read()
+  return out
+
+
+def test_full_disk_fails_clearly_and_keeps_the_last_checkpoint(
+    tokenizer_workdir, small_disk):
+  workdir = small_disk / "run"
+  args = ["--config=configs/maskgit_fashion_mnist.py:tiny",
+          f"--config.tokenizer_workdir={tokenizer_workdir}",
+          "--config.eval_every_steps=1000"]
+  run_to_completion(args + ["--config.num_train_steps=2"], workdir)
+  checkpoint_dir = workdir / "checkpoints"
+  saved = file_bytes(checkpoint_dir / "2")
+  # Room for the metrics lines, not for another checkpoint (about 250 KB).
+  filler = fill_disk(small_disk, leave_bytes=64 * 1024)
+
+  failed = subprocess.run(
+      [sys.executable, "-m", "maskgit_jax.main", *args,
+       "--config.num_train_steps=6", f"--workdir={workdir}"], cwd=REPO,
+      capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""))
+  assert failed.returncode == 1, failed.stderr[-3000:]
+  # Orbax's save threads print their own tracebacks, possibly after ours.
+  messages = [line for line in failed.stderr.splitlines()
+              if line.startswith("Error: No space left on the device")]
+  assert len(messages) == 1, failed.stderr[-3000:]
+  message = messages[0]
+  assert f"step 2 in {checkpoint_dir}, is intact" in message
+  assert "re-run the same command" in message
+  # The committed checkpoint is byte-for-byte what it was; the unfinished
+  # save is gone, so its space is free again.
+  assert sorted(os.listdir(checkpoint_dir)) == ["2"]
+  assert file_bytes(checkpoint_dir / "2") == saved
+
+  os.remove(filler)
+  resumed = subprocess.run(
+      [sys.executable, "-m", "maskgit_jax.main", *args,
+       "--config.num_train_steps=6", f"--workdir={workdir}"], cwd=REPO,
+      capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "from step 2" in resumed.stderr
+  assert 6 in [int(s) for s in os.listdir(checkpoint_dir) if s.isdigit()]
+
+
+def image_folder_args(root, data_dir, skip):
+  return ["--config=configs/vqgan_fashion_mnist.py:tiny",
+          "--config.data.name=image_folder", f"--config.data.source_dir={root}",
+          f"--config.data.data_dir={data_dir}", "--config.data.eval_split=train",
+          f"--config.data.skip_corrupt_images={skip}",
+          "--config.losses.perceptual_weight=0", "--config.num_train_steps=2",
+          "--config.eval_every_steps=2"]
+
+
+def test_training_skips_or_fails_on_corrupt_images(tmp_path):
+  import PIL.Image
+  root = tmp_path / "shapes"
+  rng = np.random.default_rng(0)
+  for label in ("circles", "squares"):
+    (root / label).mkdir(parents=True)
+    for i in range(6):
+      PIL.Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)
+                          ).save(root / label / f"{i}.png")
+  (root / "squares" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+
+  run = lambda skip, name: subprocess.run(
+      [sys.executable, "-m", "maskgit_jax.main",
+       *image_folder_args(root, tmp_path / f"tfds_{name}", skip),
+       f"--workdir={tmp_path / name}"], cwd=REPO, capture_output=True,
+      text=True, env=dict(os.environ, XLA_FLAGS=""))
+  strict = run(False, "strict")
+  assert strict.returncode != 0
+  assert "broken.jpg" in strict.stderr.strip().splitlines()[-1]
+  assert not os.path.exists(tmp_path / "strict" / "checkpoints" / "2")
+
+  skipping = run(True, "skipping")
+  assert skipping.returncode == 0, skipping.stderr[-3000:]
+  assert "Skipping unreadable image" in skipping.stderr
+  assert str(root / "squares" / "broken.jpg") in skipping.stderr
+  assert "Skipped 1 unreadable image(s) of 13" in skipping.stderr
+  assert os.path.isdir(tmp_path / "skipping" / "checkpoints" / "2")

@@ -8,6 +8,7 @@ Re-running the same command on the same workdir resumes where it stopped.
 """
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -93,7 +94,23 @@ def check_finite(step: int, scalars: Dict[str, float]) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stage: Stage) -> Any:
-  """Trains `stage` to config.num_train_steps; returns the final state."""
+  """Trains `stage` to config.num_train_steps; returns the final state.
+
+  A full disk stops training with a DiskFullError that names what is safe:
+  orbax commits a checkpoint by renaming its finished temporary folder, and
+  deletes older ones only after that, so the newest committed one survives.
+  """
+  try:
+    return _train(config, workdir, stage)
+  except Exception as error:  # pylint: disable=broad-except
+    if checkpoints.disk_full_cause(error) is None:
+      raise
+    raise checkpoints.disk_full_error(
+        os.path.join(workdir, "checkpoints"), error) from error
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           stage: Stage) -> Any:
   mesh = parallel.create_mesh(dict(config.mesh))
   shards = parallel.num_batch_shards(mesh)
   if config.batch_size % shards:
@@ -133,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   window_start = time.perf_counter()
   step = start
   preempted = PreemptionFlag()
+  finished = False
   try:
     while step < config.num_train_steps:
       batch = parallel.global_batch(next(iterator), mesh)
@@ -165,9 +183,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars = stage.evaluate(state, step)
         if scalars:
           writer.write_scalars(step, scalars)
+    ckpt.wait()  # A failed background save raises here, not after return.
+    finished = True
   finally:
     preempted.restore()
     progress.close()
-    ckpt.close()
-    writer.close()
+    for close in (ckpt.close, writer.close):
+      try:
+        close()
+      except Exception:  # pylint: disable=broad-except
+        if finished:
+          raise
+        # Already stopping on an error: report that one, not this echo.
+        logging.warning("While stopping: %s failed.", close.__qualname__,
+                        exc_info=True)
   return state
