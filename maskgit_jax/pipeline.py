@@ -18,6 +18,7 @@ import numpy as np
 
 from maskgit_jax import sampling
 from maskgit_jax import schedules
+from maskgit_jax import streams
 from maskgit_jax.models import transformer as transformer_lib
 from maskgit_jax.models import vqgan as vqgan_lib
 
@@ -32,9 +33,8 @@ def guided_logits(model: transformer_lib.MaskGITTransformer, params,
   label dropout trains); logits = cond + scale * (cond - uncond).
   """
   unconditional = tokens.at[:, 0].set(MASK)
-  both = model.apply({"params": params},
-                     jnp.concatenate([tokens, unconditional], axis=0))
-  both = both[..., :model.codebook_size]
+  both = image_logits(model, params,
+                      jnp.concatenate([tokens, unconditional], axis=0))
   cond, uncond = jnp.split(both, 2, axis=0)
   return cond + guidance_scale * (cond - uncond)
 
@@ -53,8 +53,21 @@ def guidance_at(scale, schedule: str, step, num_iter: int):
   return scale
 
 
-def image_logits(model, params, tokens):
-  return model.apply({"params": params}, tokens)[..., :model.codebook_size]
+def image_logits(model: transformer_lib.MaskGITTransformer, params,
+                 tokens: jnp.ndarray) -> jnp.ndarray:
+  """Logits over image codes only, [B, 1 + N, codebook_size]."""
+  return streams.in_streams(
+      lambda t: model.apply({"params": params}, t, codes_only=True), tokens)
+
+
+def decode_pixels(tokenizer: vqgan_lib.VQGAN, params,
+                  indices: jnp.ndarray) -> jnp.ndarray:
+  """Token indices [B, h, w] -> images [B, H, W, C] clipped to [0, 1]."""
+  images = streams.in_streams(
+      lambda i: tokenizer.apply({"params": params}, i,
+                                method=tokenizer.decode_from_indices),
+      indices)
+  return jnp.clip(images, 0.0, 1.0)
 
 
 class Pipeline:
@@ -134,9 +147,7 @@ class Pipeline:
 
   @functools.partial(jax.jit, static_argnums=0)
   def _decode(self, params, indices):
-    images = self.tokenizer.apply({"params": params}, indices,
-                                  method=self.tokenizer.decode_from_indices)
-    return jnp.clip(images, 0.0, 1.0)
+    return decode_pixels(self.tokenizer, params, indices)
 
   def tokenize(self, images) -> np.ndarray:
     """Float images [B, H, W, C] in [0, 1] -> int32 indices [B, h, w]."""
@@ -197,9 +208,8 @@ class Pipeline:
                              schedule=schedule, temperature=temperature,
                              start_iter=start_iter, pass_step=True)
     indices = tokens[:, 1:].reshape((-1,) + self.token_shape)
-    images = self.tokenizer.apply({"params": k_params}, indices,
-                                  method=self.tokenizer.decode_from_indices)
-    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
+    images = decode_pixels(self.tokenizer, k_params, indices)
+    return jnp.round(images * 255).astype(jnp.uint8)
 
   def generate(self, class_ids, seed: int = 0, num_iter: int = 8,
                choice_temperature: float = 4.5, guidance_scale: float = 0.0,

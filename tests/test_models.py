@@ -56,6 +56,16 @@ def test_transformer_logits_shape_and_dtype():
   assert logits.shape == (2, 9, 16 + 3 + 1) and logits.dtype == jnp.float32
 
 
+def test_codes_only_returns_the_image_code_logits():
+  model = tiny_transformer()
+  tokens = jnp.array([[16, -1, 3, -1, 5, -1, -1, 0, 15]] * 2, jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  full = model.apply(params, tokens)
+  codes = model.apply(params, tokens, codes_only=True)
+  assert codes.shape == (2, 9, 16)
+  np.testing.assert_allclose(codes, full[..., :16], rtol=1e-6, atol=1e-6)
+
+
 def test_mask_id_minus_one_is_the_last_embedding_row():
   model = tiny_transformer()
   tokens = jnp.array([[17, -1, 3, -1, 5, 0, -1, 2, 1]], jnp.int32)
@@ -226,6 +236,22 @@ def test_shortcut_projects_the_block_output():
   h = block.apply({"params": no_shortcut}, x)
   kernel = p["shortcut"]["kernel"][0, 0]
   np.testing.assert_allclose(out, h + h @ kernel, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", [(4, 4), (5, 7)])
+def test_upsample_conv_equals_conv_of_the_upsampled_input(height, width):
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 6))
+  module = vqgan_lib.UpsampleConv(5)
+  params = module.init(jax.random.key(1), x)
+  params = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
+      params)  # a non-zero bias too
+  expected = nn.Conv(5, (3, 3)).apply(params,
+                                      vqgan_lib.upsample_nearest_2x(x))
+  got = module.apply(params, x)
+  assert got.shape == (2, 2 * height, 2 * width, 5)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_average_pool_and_upsample():

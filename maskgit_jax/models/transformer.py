@@ -69,17 +69,27 @@ class SelfAttention(nn.Module):
     x, qkv_kernel, qkv_bias, out_kernel, out_bias = nn.dtypes.promote_dtype(
         x, qkv_kernel, qkv_bias, out_kernel, out_bias, dtype=self.dtype)
 
-    # [3, B, heads, S, head_dim]: each (example, head) is one contiguous
-    # matrix, so the attention matmuls below are plain batched GEMMs.
-    qkv = jnp.einsum("bsx,xtnd->tbnsd", x, qkv_kernel)
-    qkv = qkv + qkv_bias[:, None, :, None, :]
-    query, key, value = qkv[0], qkv[1], qkv[2]
+    # One GEMM for Q, K and V over all positions, then heads-first
+    # [3, B, heads, S, head_dim], so each (example, head) is one contiguous
+    # matrix and the attention matmuls are plain batched GEMMs.
+    batch, length, _ = x.shape
+    qkv = x.reshape(batch * length, hidden) @ qkv_kernel.reshape(hidden, -1)
+    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim) + qkv_bias
+    query, key, value = jnp.transpose(qkv, (2, 0, 3, 1, 4))
     query = query * jnp.asarray(head_dim**-0.5, query.dtype)
-    logits = jnp.einsum("bnqd,bnkd->bnqk", query, key)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic)
-    context = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(self.dtype), value)
-    return jnp.einsum("bnsd,ndx->bsx", context, out_kernel) + out_bias
+    logits = jnp.einsum("bnqd,bnkd->bnqk", query, key).astype(jnp.float32)
+    # Softmax with the division moved after the value matmul: the same
+    # numbers up to rounding, with S * head_dim divisions instead of S * S.
+    # Dropout commutes with the division, so training is unchanged too.
+    unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    unnormalized = nn.Dropout(self.dropout_rate)(unnormalized, deterministic)
+    context = jnp.einsum("bnqk,bnkd->bnqd", unnormalized.astype(self.dtype),
+                         value) / total.astype(self.dtype)
+    context = jnp.transpose(context, (0, 2, 1, 3)).reshape(
+        batch * length, hidden)
+    out = context @ out_kernel.reshape(hidden, hidden) + out_bias
+    return out.reshape(batch, length, hidden)
 
 
 class TransformerLayer(nn.Module):
@@ -116,7 +126,8 @@ class MaskGITTransformer(nn.Module):
 
   Input: int tokens [B, 1 + num_tokens] (class token first, -1 = mask).
   Output: float32 logits [B, 1 + num_tokens, vocab_size]; image codes are the
-  first `codebook_size` entries of the last axis.
+  first `codebook_size` entries of the last axis, and `codes_only=True`
+  returns just those.
   """
   codebook_size: int
   num_classes: int
@@ -140,8 +151,8 @@ class MaskGITTransformer(nn.Module):
     return self.num_tokens + 1
 
   @nn.compact
-  def __call__(self, tokens: jnp.ndarray,
-               deterministic: bool = True) -> jnp.ndarray:
+  def __call__(self, tokens: jnp.ndarray, deterministic: bool = True,
+               codes_only: bool = False) -> jnp.ndarray:
     if tokens.shape[-1] != self.seq_len:
       raise ValueError(
           f"expected {self.seq_len} tokens per example (class token + "
@@ -170,6 +181,9 @@ class MaskGITTransformer(nn.Module):
                      name="head_ln")(gelu(h))
     head_bias = self.param("head_bias", nn.initializers.zeros,
                            (self.vocab_size,))
+    if codes_only:  # Sampling needs only these: half the head's work.
+      token_embedding = token_embedding[:self.codebook_size]
+      head_bias = head_bias[:self.codebook_size]
     logits = jnp.einsum("bsx,vx->bsv", h,
                         token_embedding.astype(self.dtype))
     return logits.astype(jnp.float32) + head_bias

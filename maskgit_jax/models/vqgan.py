@@ -46,6 +46,49 @@ def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+# Which 3x3 kernel rows (or columns) land on each low-resolution offset after
+# nearest 2x upsampling: output row 2i + phase reads low-res rows
+# (i - 1, i) for phase 0 and (i, i + 1) for phase 1.
+_PHASE_TAPS = jnp.array([[[1., 0., 0.], [0., 1., 1.]],
+                         [[1., 1., 0.], [0., 0., 1.]]])
+
+
+class UpsampleConv(nn.Module):
+  """conv3x3(nearest_upsample_2x(x)), computed at the input resolution.
+
+  Every output pixel of the upsampled conv is a 2x2 conv of the input whose
+  kernel sums some of the 3x3 taps; there are four such kernels, one per
+  output phase. Same parameters and result as nn.Conv after
+  `upsample_nearest_2x` (up to float rounding of the tap sums), with 4/9 of
+  the multiplies and no 4x-larger intermediate.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    taps = _PHASE_TAPS.astype(kernel.dtype)
+    # [row phase, col phase, 2, 2, in, out]
+    kernels = jnp.einsum("ary,bsx,yxio->abrsio", taps, taps, kernel)
+    rows = []
+    for a in range(2):
+      cols = []
+      for b in range(2):
+        cols.append(jax.lax.conv_general_dilated(
+            x, kernels[a, b], window_strides=(1, 1),
+            padding=((1 - a, a), (1 - b, b)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+      rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2(b), C]
+    out = jnp.stack(rows, axis=2)  # [B, H, 2(a), W, 2(b), C]
+    batch, height, _, width, _, channels = out.shape
+    return out.reshape(batch, 2 * height, 2 * width, channels) + bias
+
+
 class ResBlock(nn.Module):
   """norm -> act -> conv3x3 -> norm -> act -> conv3x3, plus a shortcut."""
   filters: int
@@ -127,9 +170,8 @@ class Decoder(nn.Module):
       for i in range(self.num_res_blocks):
         x = block(filters, f"level{level}_res{i}")(x)
       if level > 0:
-        x = upsample_nearest_2x(x)
-        x = nn.Conv(filters, (3, 3), dtype=self.dtype,
-                    name=f"level{level}_upsample_conv")(x)
+        x = UpsampleConv(filters, self.dtype,
+                         name=f"level{level}_upsample_conv")(x)
     x = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(x)
     x = _activation(self.activation)(x)
     return nn.Conv(self.output_channels, (3, 3), dtype=self.dtype,
