@@ -25,6 +25,33 @@ STATE, DATA = "state", "data"
 UNFINISHED_MARK = ".orbax-checkpoint-tmp"
 
 
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint that does not fit this run's config (another model
+  size, codebook, class count or dataset): an error, never set aside."""
+
+
+def _leaf_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def shape_mismatches(stored: Any, wanted: Any) -> list:
+  """'name: stored shape vs wanted shape' for leaves both trees hold."""
+  shapes = lambda tree: {
+      _leaf_name(path): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+      if hasattr(leaf, "shape")}
+  stored, wanted = shapes(stored), shapes(wanted)
+  return [f"{name}: {stored[name]} in the checkpoint, {shape} now"
+          for name, shape in wanted.items()
+          if name in stored and stored[name] != shape]
+
+
+def _is_data_mismatch(error: BaseException) -> bool:
+  """grain refuses a saved position that belongs to another dataset."""
+  return "DataSource in checkpoint does not match" in str(error)
+
+
 class DiskFullError(RuntimeError):
   """The disk filled up while training wrote checkpoints or metrics."""
 
@@ -82,6 +109,11 @@ def disk_full_error(directory: str, error: BaseException) -> DiskFullError:
       "same command to resume.")
 
 
+_KEEP_ADVICE = ("The checkpoints are left as they are. Resume with the config "
+                "(and tokenizer workdir) they were trained with, or start a "
+                "new --workdir.")
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
@@ -115,13 +147,16 @@ class Checkpointer:
     """Restores the newest readable checkpoint (or `step`).
 
     A checkpoint that fails to load (damaged or missing files) is reported by
-    a warning naming it, and the next older one is tried. Returns
-    (step, state), or (None, None) when there is nothing to restore.
+    a warning naming it, and the next older one is tried. A readable one
+    written for another config raises IncompatibleCheckpointError and
+    nothing is moved. Returns (step, state), or (None, None) when there is
+    nothing to restore.
     With `set_aside_damaged` (training), an unreadable checkpoint is moved to
     `<directory>_damaged/` so that its step can be written again.
     """
     steps = [step] if step is not None else self.all_steps()[::-1]
     for candidate in steps:
+      self._check_compatible(candidate, abstract_state)
       items = {STATE: ocp.args.StandardRestore(abstract_state)}
       # Imported weights (tools/import_official) carry no data position:
       # such a run starts its data from the beginning.
@@ -131,6 +166,10 @@ class Checkpointer:
         restored = self.manager.restore(candidate,
                                         args=ocp.args.Composite(**items))
       except Exception as error:  # pylint: disable=broad-except
+        if _is_data_mismatch(error):
+          raise IncompatibleCheckpointError(
+              f"Checkpoint {self.directory}/{candidate} holds a data position "
+              f"in another dataset ({error}). {_KEEP_ADVICE}") from error
         logging.warning("Checkpoint %s/%d could not be restored (%s: %s); "
                         "trying an older one.", self.directory, candidate,
                         type(error).__name__, error)
@@ -139,6 +178,17 @@ class Checkpointer:
         continue
       return candidate, restored[STATE]
     return None, None
+
+  def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    try:
+      stored = self.manager.item_metadata(step)[STATE]
+    except Exception:  # pylint: disable=broad-except
+      return  # Unreadable metadata: the restore reports it as damaged.
+    mismatches = shape_mismatches(stored, abstract_state)
+    if mismatches:
+      raise IncompatibleCheckpointError(
+          f"Checkpoint {self.directory}/{step} was written for another "
+          f"config: {'; '.join(mismatches[:4])}. {_KEEP_ADVICE}")
 
   def _set_aside(self, step: int) -> None:
     """Moves an unreadable checkpoint out of the way (never deletes it), so

@@ -399,8 +399,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tokenizer_workdir,
   assert len(saved) == 1 and saved[0] >= 3
 
 
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
 def test_damaged_newest_checkpoint_falls_back_and_is_kept(
-    tokenizer_workdir, transformer_workdir, tmp_path, caplog):
+    damage, tokenizer_workdir, transformer_workdir, tmp_path, caplog):
   config = load_config("maskgit_fashion_mnist")
   config.tokenizer_workdir = tokenizer_workdir
   _, reference = final_params(transformer_workdir, config, tokenizer_workdir)
@@ -412,8 +413,11 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(
   for root, _, files in os.walk(state_dir):
     for name in files:
       if name.startswith(("manifest", "_METADATA")):
-        with open(os.path.join(root, name), "r+b") as f:
-          f.truncate(7)
+        if damage == "remove":
+          os.remove(os.path.join(root, name))
+        else:
+          with open(os.path.join(root, name), "r+b") as f:
+            f.truncate(7)
         damaged += 1
   assert damaged
   with caplog.at_level("WARNING"):
@@ -501,6 +505,84 @@ def test_kill_9_then_rerun_is_bitwise_identical(stage, data_dirs,
   assert step_a == step_b == 40
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
+
+
+def kill_during_a_save(args, workdir):
+  """Starts a run and SIGKILLs it while a checkpoint is being written.
+  Returns whether it caught a save in progress."""
+  import signal
+  import time
+  from maskgit_jax import checkpoints
+  process = subprocess.Popen(
+      [sys.executable, "-m", "maskgit_jax.main", *args,
+       f"--workdir={workdir}"], cwd=REPO, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL, env=dict(os.environ, XLA_FLAGS=""))
+  directory = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  caught = False
+  while time.time() < deadline and process.poll() is None and not caught:
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    caught = any(checkpoints.UNFINISHED_MARK in name for name in names)
+    if caught:
+      process.send_signal(signal.SIGKILL)
+    else:
+      time.sleep(0.001)
+  process.kill()
+  process.wait()
+  return caught
+
+
+def test_kill_9_during_a_save_then_rerun_is_bitwise_identical(
+    tokenizer_workdir, tmp_path):
+  args = ["--config=configs/maskgit_fashion_mnist.py:tiny",
+          f"--config.tokenizer_workdir={tokenizer_workdir}",
+          "--config.num_train_steps=12", "--config.checkpoint_every_steps=1",
+          "--config.eval_every_steps=12"]
+  run_to_completion(args, tmp_path / "reference")
+  for attempt in range(3):  # a save lasts tens of milliseconds
+    interrupted = tmp_path / f"interrupted{attempt}"
+    if kill_during_a_save(args, interrupted):
+      break
+  else:
+    pytest.fail("never caught a checkpoint save in progress")
+  run_to_completion(args, interrupted)
+
+  config = load_config("maskgit_fashion_mnist")
+  source = tokens_lib.TokenSource(restore.token_dir(tokenizer_workdir))
+  model = transformer_stage.build_model(
+      config, source.metadata["codebook_size"],
+      int(np.prod(source.token_shape)))
+  init = lambda rng: transformer_stage.init_state(
+      model, transformer_stage.build_optimizer(config), rng)
+  step_a, want = restored_leaves(str(tmp_path / "reference"), init)
+  step_b, got = restored_leaves(str(interrupted), init)
+  assert step_a == step_b == 12
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_of_another_codebook_is_an_error_and_kept(
+    tokenizer_workdir, transformer_workdir, tmp_path):
+  from maskgit_jax import checkpoints
+  other_tokenizer = tmp_path / "tokenizer_with_32_codes"
+  shutil.copytree(tokenizer_workdir, other_tokenizer)
+  meta_path = other_tokenizer / "tokens" / "train" / "metadata.json"
+  meta = json.loads(meta_path.read_text())
+  meta["metadata"]["codebook_size"] = 32
+  meta_path.write_text(json.dumps(meta))
+  workdir = tmp_path / "run"
+  shutil.copytree(transformer_workdir, workdir)
+  before = file_bytes(workdir / "checkpoints")
+
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = str(other_tokenizer)
+  config.num_train_steps = 6
+  with pytest.raises(checkpoints.IncompatibleCheckpointError,
+                     match=r"params/token_embedding: \(27, 16\) in the "
+                           r"checkpoint, \(43, 16\) now"):
+    jobs.run("train", config, str(workdir))
+  assert file_bytes(workdir / "checkpoints") == before
+  assert not os.path.exists(workdir / "checkpoints_damaged")
 
 
 def test_more_bad_configs_fail_before_compiling(data_dirs, tokenizer_workdir,
