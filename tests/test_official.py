@@ -175,3 +175,43 @@ def test_classifier_free_guidance(pipe, reference):
   assert constant.shape == rising.shape
   with pytest.raises(ValueError, match="guidance_schedule"):
     pipe.generate([1], guidance_scale=1.0, guidance_schedule="step")
+
+
+def test_imported_workdirs_evaluate_and_fine_tune(tmp_path):
+  """Official weights as workdirs: eval, tokenize, then train on from step 0."""
+  import gzip
+  from maskgit_jax.tools import import_official
+  from maskgit_jax.train import jobs
+  from maskgit_jax.train import restore
+  k_dir, t_dir = import_official.import_official(
+      TOKENIZER, TRANSFORMER, str(tmp_path / "official"))
+  source_dir = tmp_path / "idx"
+  source_dir.mkdir()
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", 20), ("t10k", 10)):
+    for kind, shape in (("images-idx3", (n, 28, 28)), ("labels-idx1", (n,))):
+      array = (rng.integers(0, 255, shape) if kind.startswith("images")
+               else np.arange(n) % 10).astype(np.uint8)
+      header = bytes([0, 0, 8, array.ndim]) + b"".join(
+          int(d).to_bytes(4, "big") for d in array.shape)
+      with gzip.open(source_dir / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+        f.write(header + array.tobytes())
+
+  k_config = restore.load_config(k_dir)
+  k_config.data.update(name="fashion_mnist", source_dir=str(source_dir),
+                       data_dir=str(tmp_path / "tfds"), eval_split="test",
+                       image_size=32)
+  k_config.update(batch_size=8, eval_batch_size=8, num_eval_images=8)
+  scalars = jobs.run("eval", k_config, k_dir)
+  assert np.isfinite(scalars["psnr"])
+  jobs.run("tokenize", k_config, k_dir)
+
+  t_config = restore.load_config(t_dir)
+  t_config.update(batch_size=8, num_train_steps=2, log_every_steps=1,
+                  checkpoint_every_steps=2, eval_every_steps=2)
+  jobs.run("train", t_config, t_dir)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(t_dir, "checkpoints"))
+                 if s.isdigit())
+  assert steps == [0, 2]  # the imported weights, then two fine-tuning steps
+  tuned = Pipeline.from_workdirs(k_dir, t_dir)
+  assert tuned.generate([1, 2], seed=3, num_iter=4).shape == (2, 32, 32, 3)

@@ -163,7 +163,7 @@ def transformer_stage_for(config, workdir) -> loop.Stage:
 
   def sample_grid(state, step):
     from maskgit_jax.pipeline import Pipeline
-    k_config, tokenizer, k_params = restore.tokenizer_from_workdir(
+    _, tokenizer, k_params = restore.tokenizer_from_workdir(
         config.tokenizer_workdir)
     pipe = Pipeline(tokenizer, k_params, model,
                     jax.device_get(state.ema_params),
@@ -197,7 +197,8 @@ def tokenize(config, workdir) -> str:
   if config.stage != "tokenizer":
     raise ValueError("--mode=tokenize needs a tokenizer config and workdir, "
                      f"got stage {config.stage!r}.")
-  k_config, model, params = restore.tokenizer_from_workdir(workdir)
+  _, model, params = restore.tokenizer_from_workdir(workdir)
+  data = config.data  # As in evaluate_tokenizer: the data of this run.
   out = restore.token_dir(workdir)
   if tokens_lib.is_token_dataset(out):
     loop.announce(f"Token cache {out} exists; nothing to do.")
@@ -205,11 +206,11 @@ def tokenize(config, workdir) -> str:
   encode = jax.jit(lambda p, x: model.apply(
       {"params": p}, x, method=model.encode_to_indices))
   iterator = data_pipeline.make_image_iterator(
-      k_config.data, split=k_config.data.train_split,
+      data, split=data.train_split,
       global_batch_size=config.tokenize_batch_size, seed=config.seed,
       train=False, process_index=0, process_count=1)
   from maskgit_jax.data import sources
-  total = len(sources.build_source(k_config.data, k_config.data.train_split))
+  total = len(sources.build_source(data, data.train_split))
   all_tokens, all_labels = [], []
   for batch in tqdm.tqdm(iterator, desc="tokenize", unit="batch",
                          total=-(-total // config.tokenize_batch_size)):
@@ -218,9 +219,9 @@ def tokenize(config, workdir) -> str:
       all_tokens.append(np.asarray(encode(params, view)))
       all_labels.append(batch["label"])
   meta = {"codebook_size": int(model.codebook_size),
-          "image_size": int(k_config.data.image_size),
-          "dataset": k_config.data.name, "split": k_config.data.train_split,
-          "num_classes": int(sources.num_classes(k_config.data)),
+          "image_size": int(data.image_size),
+          "dataset": data.name, "split": data.train_split,
+          "num_classes": int(sources.num_classes(data)),
           "flips": True}
   tokens_lib.write_token_dataset(out, np.concatenate(all_tokens),
                                  np.concatenate(all_labels), meta)
@@ -250,10 +251,12 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 def evaluate_tokenizer(config, workdir) -> Dict[str, float]:
   """Reconstruction PSNR over the evaluation split, written to eval.json."""
-  k_config, model, params = restore.tokenizer_from_workdir(workdir)
+  # The model comes from the workdir, the data from this run's config (an
+  # imported official tokenizer is evaluated on whatever data is given).
+  _, model, params = restore.tokenizer_from_workdir(workdir)
   reconstruct = jax.jit(functools.partial(tokenizer_stage.reconstruct, model))
   iterator = data_pipeline.make_image_iterator(
-      k_config.data, split=k_config.data.eval_split,
+      config.data, split=config.data.eval_split,
       global_batch_size=config.eval_batch_size, seed=config.seed,
       train=False, process_index=0, process_count=1)
   values = []
