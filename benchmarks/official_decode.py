@@ -25,10 +25,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+
+import harness
 
 BATCH, NUM_ITER, CHOICE_TEMPERATURE = 8, 8, 4.5
 CODEBOOK, CLASSES, SIDE = 1024, 1000, 16
@@ -82,16 +82,6 @@ def _inputs():
   return inputs
 
 
-def _time(fn, repeats: int):
-  fn()  # compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def measure_official(official_dir, filters, ckpt_dir, repeats) -> float:
   import flax
   import jax
@@ -116,8 +106,9 @@ def measure_official(official_dir, filters, ckpt_dir, repeats) -> float:
                            method=tokenizer.decode_from_indices)
 
   inputs, rng = jax.numpy.asarray(_inputs()), jax.random.key(0)
-  return _time(lambda: np.asarray(generate_samples(t_vars, k_vars, inputs,
-                                                   rng)), repeats)
+  return harness.median_seconds(
+      lambda: np.asarray(generate_samples(t_vars, k_vars, inputs, rng)),
+      repeats)
 
 
 def measure_ours(ckpt_dir, repeats) -> float:
@@ -126,26 +117,17 @@ def measure_ours(ckpt_dir, repeats) -> float:
       tokenizer=os.path.join(ckpt_dir, "tokenizer.msgpack"),
       transformer=os.path.join(ckpt_dir, "transformer.msgpack"))
   classes = (_inputs()[:, 0] - CODEBOOK).tolist()
-  return _time(lambda: pipe.generate(classes, seed=0, num_iter=NUM_ITER,
-                                     choice_temperature=CHOICE_TEMPERATURE),
-               repeats)
+  return harness.median_seconds(
+      lambda: pipe.generate(classes, seed=0, num_iter=NUM_ITER,
+                            choice_temperature=CHOICE_TEMPERATURE), repeats)
 
 
 def run_child(args, side: str) -> float:
-  command = [sys.executable, os.path.abspath(__file__), f"--child={side}",
-             f"--official_dir={args.official_dir}",
-             f"--tokenizer_filters={args.tokenizer_filters}",
-             f"--checkpoint_dir={args.checkpoint_dir}",
-             f"--repeats={args.repeats}"]
-  # Fixed malloc thresholds: without them XLA:CPU can run 2x slower when
-  # glibc hands memory back between calls. Both sides get the same.
-  env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432",
-             MALLOC_TRIM_THRESHOLD_="1073741824")
-  result = subprocess.run(command, capture_output=True, text=True,
-                          check=False, env=env)
-  if result.returncode:
-    raise SystemExit(f"{side} run failed:\n{result.stderr[-3000:]}")
-  return float(result.stdout.strip().splitlines()[-1])
+  return harness.run_worker([
+      os.path.abspath(__file__), f"--child={side}",
+      f"--official_dir={args.official_dir}",
+      f"--tokenizer_filters={args.tokenizer_filters}",
+      f"--checkpoint_dir={args.checkpoint_dir}", f"--repeats={args.repeats}"])
 
 
 def main():

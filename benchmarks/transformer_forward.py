@@ -13,9 +13,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
+
+import harness
 
 CONFIG = dict(codebook_size=1024, num_classes=1000, num_tokens=256,
               hidden_size=256, num_layers=8, num_heads=8, mlp_dim=1024)
@@ -48,13 +47,8 @@ def measure(variant: str, repeats: int) -> float:
   tokens = jnp.zeros((BATCH, CONFIG["num_tokens"] + 1), jnp.int32)
   params = model.init(jax.random.key(0), tokens)
   forward = jax.jit(model.apply)
-  forward(params, tokens).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    forward(params, tokens).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 1000 * statistics.median(times)
+  return 1000 * harness.median_seconds(
+      lambda: forward(params, tokens).block_until_ready(), repeats)
 
 
 def main():
@@ -65,19 +59,14 @@ def main():
   parser.add_argument("--worker", choices=["ours", "flax"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    print(json.dumps({"ms": measure(args.worker, args.repeats)}))
+    print(measure(args.worker, args.repeats))
     return
 
-  env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432",
-             MALLOC_TRIM_THRESHOLD_="1073741824")
   results = {"ours": [], "flax": []}
   for _ in range(args.rounds):
     for variant in results:
-      out = subprocess.run(
-          [sys.executable, __file__, "--worker", variant,
-           "--repeats", str(args.repeats)],
-          env=env, check=True, capture_output=True, text=True).stdout
-      results[variant].append(json.loads(out.strip().splitlines()[-1])["ms"])
+      results[variant].append(harness.run_worker(
+          [__file__, "--worker", variant, "--repeats", str(args.repeats)]))
   import jax
   summary = {
       "benchmark": "transformer_forward", "config": CONFIG, "batch": BATCH,

@@ -7,7 +7,7 @@ temporary folder and renames it when complete, so an interrupted save is
 never mistaken for a checkpoint. Only the newest `keep` are kept, and an
 older one is deleted only after a newer one is committed. A save that fails
 for lack of space therefore leaves every committed checkpoint as it was;
-`disk_full_error` removes the unfinished folder and says so.
+the loop removes the unfinished folder and says so.
 """
 
 import errno
@@ -90,9 +90,10 @@ def remove_unfinished_saves(directory: str) -> list:
   return removed
 
 
-def disk_full_error(directory: str, error: BaseException) -> DiskFullError:
-  """A DiskFullError that says what is safe and how to go on."""
-  removed = remove_unfinished_saves(directory)
+def disk_full_error(directory: str, error: BaseException,
+                    removed: list) -> DiskFullError:
+  """A DiskFullError that says what is safe, what was `removed` (unfinished
+  saves) and how to go on."""
   committed = sorted(int(name) for name in os.listdir(directory)
                      if name.isdigit()) if os.path.isdir(directory) else []
   where = getattr(disk_full_cause(error), "filename", None) or directory

@@ -656,10 +656,8 @@ def test_full_disk_fails_clearly_and_keeps_the_last_checkpoint(
   # Room for the metrics lines, not for another checkpoint (about 250 KB).
   filler = fill_disk(small_disk, leave_bytes=64 * 1024)
 
-  failed = subprocess.run(
-      [sys.executable, "-m", "maskgit_jax.main", *args,
-       "--config.num_train_steps=6", f"--workdir={workdir}"], cwd=REPO,
-      capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""))
+  failed = run_main(*args, "--config.num_train_steps=6",
+                    f"--workdir={workdir}")
   assert failed.returncode == 1, failed.stderr[-3000:]
   # Orbax's save threads print their own tracebacks, possibly after ours.
   messages = [line for line in failed.stderr.splitlines()
@@ -674,10 +672,8 @@ def test_full_disk_fails_clearly_and_keeps_the_last_checkpoint(
   assert file_bytes(checkpoint_dir / "2") == saved
 
   os.remove(filler)
-  resumed = subprocess.run(
-      [sys.executable, "-m", "maskgit_jax.main", *args,
-       "--config.num_train_steps=6", f"--workdir={workdir}"], cwd=REPO,
-      capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""))
+  resumed = run_main(*args, "--config.num_train_steps=6",
+                     f"--workdir={workdir}")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "from step 2" in resumed.stderr
   assert 6 in [int(s) for s in os.listdir(checkpoint_dir) if s.isdigit()]
@@ -703,11 +699,9 @@ def test_training_skips_or_fails_on_corrupt_images(tmp_path):
                           ).save(root / label / f"{i}.png")
   (root / "squares" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
 
-  run = lambda skip, name: subprocess.run(
-      [sys.executable, "-m", "maskgit_jax.main",
-       *image_folder_args(root, tmp_path / f"tfds_{name}", skip),
-       f"--workdir={tmp_path / name}"], cwd=REPO, capture_output=True,
-      text=True, env=dict(os.environ, XLA_FLAGS=""))
+  run = lambda skip, name: run_main(
+      *image_folder_args(root, tmp_path / f"tfds_{name}", skip),
+      f"--workdir={tmp_path / name}")
   strict = run(False, "strict")
   assert strict.returncode != 0
   assert "broken.jpg" in strict.stderr.strip().splitlines()[-1]

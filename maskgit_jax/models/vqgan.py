@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -49,8 +50,8 @@ def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
 # Which 3x3 kernel rows (or columns) land on each low-resolution offset after
 # nearest 2x upsampling: output row 2i + phase reads low-res rows
 # (i - 1, i) for phase 0 and (i, i + 1) for phase 1.
-_PHASE_TAPS = jnp.array([[[1., 0., 0.], [0., 1., 1.]],
-                         [[1., 1., 0.], [0., 0., 1.]]])
+_PHASE_TAPS = np.array([[[1., 0., 0.], [0., 1., 1.]],
+                        [[1., 1., 0.], [0., 0., 1.]]])
 
 
 class UpsampleConv(nn.Module):
@@ -72,7 +73,7 @@ class UpsampleConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    taps = _PHASE_TAPS.astype(kernel.dtype)
+    taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
     # [row phase, col phase, 2, 2, in, out]
     kernels = jnp.einsum("ary,bsx,yxio->abrsio", taps, taps, kernel)
     rows = []

@@ -105,8 +105,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except Exception as error:  # pylint: disable=broad-except
     if checkpoints.disk_full_cause(error) is None:
       raise
-    raise checkpoints.disk_full_error(
-        os.path.join(workdir, "checkpoints"), error) from error
+    directory = os.path.join(workdir, "checkpoints")
+    removed = checkpoints.remove_unfinished_saves(directory)
+    raise checkpoints.disk_full_error(directory, error, removed) from error
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
