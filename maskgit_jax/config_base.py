@@ -23,8 +23,8 @@ def from_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
 
 def _data_config(name: str = "fashion_mnist",
                  image_size: int = 32) -> ml_collections.ConfigDict:
-  from maskgit_jax.data import pipeline  # Local: keeps configs importable fast.
-  data = pipeline.default_data_config()
+  from maskgit_jax.data import input_pipeline  # Local: keeps configs importable fast.
+  data = input_pipeline.default_data_config()
   data.name = name
   data.image_size = image_size
   return data

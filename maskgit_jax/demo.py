@@ -49,7 +49,7 @@ def last_metrics(workdir: str) -> dict:
 def main(argv):
   del argv
   from maskgit_jax import Pipeline
-  from maskgit_jax.data import pipeline as data_pipeline
+  from maskgit_jax.data import input_pipeline
   from maskgit_jax.train import images as images_lib
   from maskgit_jax.train import jobs
 
@@ -73,7 +73,7 @@ def main(argv):
   print("[demo] 4/4 sampling and evaluating", flush=True)
   pipe = Pipeline.from_workdirs(vqgan_dir, maskgit_dir)
   images_lib.sample_grid(pipe, transformer, os.path.join(out, "samples.png"))
-  test = next(data_pipeline.make_image_iterator(
+  test = next(input_pipeline.make_image_iterator(
       tokenizer.data, split=tokenizer.data.eval_split, global_batch_size=16,
       seed=0, train=False, process_index=0, process_count=1))["image"]
   recon = pipe.detokenize(pipe.tokenize(test))

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from maskgit_jax.data import fashion_mnist
 from maskgit_jax.data import image_folder
-from maskgit_jax.data import pipeline
+from maskgit_jax.data import input_pipeline
 from maskgit_jax.data import sources
 from maskgit_jax.data import tokens as token_data
 
@@ -61,7 +61,7 @@ def fashion_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fashion_config(fashion_dir, tmp_path_factory):
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.data_dir = str(tmp_path_factory.mktemp("tfds"))
   config.source_dir = fashion_dir
   config.image_size = 32
@@ -94,7 +94,7 @@ def test_read_idx_gzipped_and_plain(fashion_dir):
 
 
 def test_missing_idx_files_error_names_dir_files_and_apt(tmp_path):
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.data_dir = str(tmp_path / "tfds")
   config.source_dir = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError) as error:
@@ -121,7 +121,7 @@ def test_fashion_source_holds_the_idx_records(fashion_config):
 
 
 def test_train_batches_shapes_range_and_labels(fashion_config):
-  iterator = pipeline.make_image_iterator(
+  iterator = input_pipeline.make_image_iterator(
       fashion_config, split="train", global_batch_size=8, seed=0, train=True,
       process_index=0, process_count=1)
   _, labels = fake_fashion_split(NUM_TRAIN, 0)
@@ -141,7 +141,7 @@ def test_train_batches_shapes_range_and_labels(fashion_config):
 def test_augmentation_changes_real_images(fashion_config):
   """Crops and flips move pixels; grayscale becomes three equal channels."""
   image = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28, 1) % 251
-  augment = pipeline.image_transforms(fashion_config, train=True)[0]
+  augment = input_pipeline.image_transforms(fashion_config, train=True)[0]
   outputs = [augment.random_map({"image": image, "label": 3},
                                 np.random.default_rng(i))["image"]
              for i in range(4)]
@@ -149,13 +149,13 @@ def test_augmentation_changes_real_images(fashion_config):
     assert out.shape == (32, 32, 3)
     np.testing.assert_array_equal(out[..., 0], out[..., 2])
   assert any(np.abs(a - outputs[0]).max() > 0.05 for a in outputs[1:])
-  evaluate = pipeline.image_transforms(fashion_config, train=False)[0]
+  evaluate = input_pipeline.image_transforms(fashion_config, train=False)[0]
   out = evaluate.map({"image": image, "label": 3})
   assert out["image"].shape == (32, 32, 3) and out["label"] == 3
 
 
 def test_eval_batches_cover_split_once_in_order(fashion_config):
-  iterator = pipeline.make_image_iterator(
+  iterator = input_pipeline.make_image_iterator(
       fashion_config, split="test", global_batch_size=4, seed=0, train=False,
       process_index=0, process_count=1)
   batches = list(iterator)
@@ -167,7 +167,7 @@ def test_eval_batches_cover_split_once_in_order(fashion_config):
 
 def test_same_seed_same_batches_other_seed_other_batches(fashion_config):
   def batches(seed):
-    return take(pipeline.make_image_iterator(
+    return take(input_pipeline.make_image_iterator(
         fashion_config, split="train", global_batch_size=8, seed=seed,
         train=True, process_index=0, process_count=1), 4)
   first = batches(3)
@@ -178,7 +178,7 @@ def test_same_seed_same_batches_other_seed_other_batches(fashion_config):
 
 def test_resume_from_state_yields_the_same_next_batches(fashion_config):
   def make():
-    return pipeline.make_image_iterator(
+    return input_pipeline.make_image_iterator(
         fashion_config, split="train", global_batch_size=8, seed=1,
         train=True, process_index=0, process_count=1)
   iterator = make()
@@ -197,7 +197,7 @@ def test_resume_from_state_yields_the_same_next_batches(fashion_config):
 def test_processes_read_disjoint_shards_covering_the_data(fashion_config):
   shards = []
   for index in range(2):
-    iterator = pipeline.make_image_iterator(
+    iterator = input_pipeline.make_image_iterator(
         fashion_config, split="train", global_batch_size=8, seed=0,
         train=True, num_epochs=1, process_index=index, process_count=2)
     batches = list(iterator)
@@ -210,7 +210,7 @@ def test_processes_read_disjoint_shards_covering_the_data(fashion_config):
 
 def test_batch_must_split_over_processes(fashion_config):
   with pytest.raises(ValueError, match="global_batch_size=7"):
-    pipeline.make_image_iterator(fashion_config, split="train",
+    input_pipeline.make_image_iterator(fashion_config, split="train",
                                  global_batch_size=7, seed=0, train=True,
                                  process_index=0, process_count=2)
 
@@ -219,17 +219,17 @@ def test_bad_crop_scale_is_rejected(fashion_config):
   config = fashion_config.copy_and_resolve_references()
   config.random_resized_crop_scale = (0.0, 1.0)
   with pytest.raises(ValueError, match="random_resized_crop_scale"):
-    pipeline.image_transforms(config, train=True)
+    input_pipeline.image_transforms(config, train=True)
 
 
 def test_random_crop_box_stays_inside_with_the_drawn_ratio():
   rng = np.random.default_rng(0)
   for _ in range(200):
-    left, top, right, bottom = pipeline.random_crop_box(
+    left, top, right, bottom = input_pipeline.random_crop_box(
         30, 50, rng, scale=(0.5, 1.0), ratio=(0.75, 1.5))
     assert 0 <= left < right <= 50 + 1e-9 and 0 <= top < bottom <= 30 + 1e-9
     assert 0.75 - 1e-9 <= (right - left) / (bottom - top) <= 1.5 + 1e-9
-  assert pipeline.center_square_box(30, 50) == (10, 0, 40, 30)
+  assert input_pipeline.center_square_box(30, 50) == (10, 0, 40, 30)
 
 
 # Image folders.
@@ -261,7 +261,7 @@ def folder(tmp_path):
 
 
 def folder_config(root, data_dir, **overrides):
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.name = "image_folder"
   config.source_dir = str(root)
   config.data_dir = str(data_dir)
@@ -282,7 +282,7 @@ def test_image_folder_skips_and_counts_corrupt_files(folder, tmp_path):
   assert builder.info.features["label"].names == ["cat", "dog"]
   assert sorted(builder.info.metadata["skipped_files"]) == [
       os.path.join("cat", "corrupt.jpg"), os.path.join("dog", "truncated.png")]
-  batch = next(pipeline.make_image_iterator(
+  batch = next(input_pipeline.make_image_iterator(
       config, split="train", global_batch_size=4, seed=0, train=False,
       process_index=0, process_count=1))
   assert batch["image"].shape == (4, 8, 8, 3)
@@ -349,7 +349,7 @@ class MaskgitTestCatalogue(tfds.core.GeneratorBasedBuilder):
 
 
 def test_catalogue_dataset_prepared_as_array_record(tmp_path):
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.name = "maskgit_test_catalogue"
   config.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError,
@@ -358,7 +358,7 @@ def test_catalogue_dataset_prepared_as_array_record(tmp_path):
   MaskgitTestCatalogue(data_dir=str(tmp_path),
                        file_format="array_record").download_and_prepare()
   assert len(sources.build_source(config, "validation")) == 6
-  batches = list(pipeline.make_image_iterator(
+  batches = list(input_pipeline.make_image_iterator(
       config, split="validation", global_batch_size=4, seed=0, train=False,
       process_index=0, process_count=1))
   assert sorted(batches[0]) == ["image", "label"]  # file_name dropped.
@@ -369,7 +369,7 @@ def test_catalogue_dataset_prepared_as_array_record(tmp_path):
 
 
 def test_unknown_name_lists_valid_names(tmp_path):
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.name = "no_such_dataset_anywhere"
   config.data_dir = str(tmp_path)
   with pytest.raises(ValueError, match="fashion_mnist, image_folder"):

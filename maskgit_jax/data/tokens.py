@@ -13,7 +13,7 @@ that into place, so a directory with this name is always complete; it refuses
 to replace an existing dataset unless asked to. `TokenSource` memory-maps the
 arrays (random access without loading them), and `make_token_iterator` batches
 them through grain, sharded per process and checkpointable like the image
-pipeline (see `pipeline`).
+pipeline (see `input_pipeline`).
 """
 
 import json
@@ -25,7 +25,7 @@ from typing import Any, Dict, Mapping, Optional
 import grain
 import numpy as np
 
-from maskgit_jax.data import pipeline
+from maskgit_jax.data import input_pipeline
 
 TOKENS_FILE = "tokens.npy"
 LABELS_FILE = "labels.npy"
@@ -201,10 +201,10 @@ def make_token_iterator(token_dir: str, *, global_batch_size: int, seed: int,
   forever unless `num_epochs`. `missing_hint` is appended to the
   FileNotFoundError raised when `token_dir` holds no token dataset (e.g. the
   command that writes it). The other arguments are those of
-  `pipeline.make_loader`.
+  `input_pipeline.make_loader`.
   """
   source = TokenSource(token_dir, missing_hint)
-  loader = pipeline.make_loader(
+  loader = input_pipeline.make_loader(
       source, [FlattenTokens()] if flatten else [],
       global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
       num_epochs=num_epochs, drop_remainder=drop_remainder,

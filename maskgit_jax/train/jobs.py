@@ -24,7 +24,7 @@ import tqdm
 
 from maskgit_jax import losses
 from maskgit_jax import schedules
-from maskgit_jax.data import pipeline as data_pipeline
+from maskgit_jax.data import input_pipeline
 from maskgit_jax.data import tokens as tokens_lib
 from maskgit_jax.train import images as images_lib
 from maskgit_jax.train import loop
@@ -118,7 +118,7 @@ def tokenizer_stage_for(config, workdir) -> loop.Stage:
         losses.perplexity_from_counts(counts))
     return scalars
 
-  eval_batch = next(data_pipeline.make_image_iterator(
+  eval_batch = next(input_pipeline.make_image_iterator(
       config.data, split=config.data.eval_split,
       global_batch_size=config.num_eval_images, seed=config.seed,
       train=False, process_index=0, process_count=1))["image"]
@@ -135,7 +135,7 @@ def tokenizer_stage_for(config, workdir) -> loop.Stage:
       init_state=lambda rng: tokenizer_stage.init_state(config, model, disc,
                                                         txs, rng),
       train_step=train_step,
-      make_iterator=lambda: data_pipeline.make_image_iterator(
+      make_iterator=lambda: input_pipeline.make_image_iterator(
           config.data, split=config.data.train_split,
           global_batch_size=config.batch_size, seed=config.seed, train=True),
       evaluate=evaluate, summarize=summarize, constants=perceptual_params)
@@ -205,7 +205,7 @@ def tokenize(config, workdir) -> str:
     return out
   encode = jax.jit(lambda p, x: model.apply(
       {"params": p}, x, method=model.encode_to_indices))
-  iterator = data_pipeline.make_image_iterator(
+  iterator = input_pipeline.make_image_iterator(
       data, split=data.train_split,
       global_batch_size=config.tokenize_batch_size, seed=config.seed,
       train=False, process_index=0, process_count=1)
@@ -255,7 +255,7 @@ def evaluate_tokenizer(config, workdir) -> Dict[str, float]:
   # imported official tokenizer is evaluated on whatever data is given).
   _, model, params = restore.tokenizer_from_workdir(workdir)
   reconstruct = jax.jit(functools.partial(tokenizer_stage.reconstruct, model))
-  iterator = data_pipeline.make_image_iterator(
+  iterator = input_pipeline.make_image_iterator(
       config.data, split=config.data.eval_split,
       global_batch_size=config.eval_batch_size, seed=config.seed,
       train=False, process_index=0, process_count=1)
