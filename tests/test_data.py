@@ -6,6 +6,7 @@ constant, so every output image tells which record it came from.
 """
 
 import gzip
+import json
 import os
 import pickle
 
@@ -401,14 +402,15 @@ def test_token_dataset_round_trip(tmp_path):
   assert len(source) == 20 and source.token_shape == (2, 3)
   assert source.metadata == {"codebook_size": 1024, "split": "train"}
   assert token_data.read_metadata(target) == source.metadata
+  assert source.num_views == 1  # [M, h, w] is stored as one view each.
   for i in (0, 7, 19):
     assert source[i]["tokens"].dtype == np.int32
-    np.testing.assert_array_equal(source[i]["tokens"], tokens[i])
+    np.testing.assert_array_equal(source[i]["tokens"], tokens[i][None])
     assert source[i]["label"] == labels[i]
   assert isinstance(source.tokens, np.memmap)
   # Worker processes receive the path, not the arrays.
   clone = pickle.loads(pickle.dumps(source))
-  np.testing.assert_array_equal(clone[5]["tokens"], tokens[5])
+  np.testing.assert_array_equal(clone[5]["tokens"], tokens[5][None])
   assert len(pickle.dumps(source)) < 500
 
 
@@ -476,3 +478,196 @@ def test_token_iterator_batches_resume_and_shards(tmp_path):
     assert len(rows) == 10
     seen.append(set(rows.tolist()))
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(20))
+
+
+def multi_view_tokens(m=20, views=3, h=2, w=3):
+  """Every token of view v of example i is views * i + v."""
+  values = views * np.arange(m)[:, None] + np.arange(views)[None, :]
+  tokens = np.broadcast_to(values[:, :, None, None], (m, views, h, w))
+  return np.ascontiguousarray(tokens), np.arange(m) % 5
+
+
+def test_streaming_writer_fills_batches_and_commits_atomically(tmp_path):
+  tokens, labels = multi_view_tokens()
+  target = str(tmp_path / "tokens")
+  with token_data.TokenDatasetWriter(
+      target, num_examples=20, num_views=3, token_shape=(2, 3),
+      metadata={"num_views": 3}) as writer:
+    for start in range(0, 20, 8):  # 8, 8, 4
+      assert not token_data.is_token_dataset(target)
+      writer.append(tokens[start:start + 8], labels[start:start + 8])
+  assert sorted(os.listdir(tmp_path)) == ["tokens"]
+  source = token_data.TokenSource(target)
+  assert len(source) == 20 and source.num_views == 3
+  assert source.token_shape == (2, 3) and isinstance(source.tokens, np.memmap)
+  np.testing.assert_array_equal(source.tokens, tokens)
+  np.testing.assert_array_equal(source.labels, labels)
+  assert source[4]["tokens"].shape == (3, 2, 3)
+  with open(os.path.join(target, token_data.METADATA_FILE)) as f:
+    info = json.load(f)
+  assert info["format_version"] == 2 and info["num_views"] == 3
+  assert info["num_examples"] == 20 and info["token_shape"] == [2, 3]
+
+
+def test_interrupted_writes_never_look_complete(tmp_path):
+  tokens, labels = multi_view_tokens()
+  target = str(tmp_path / "tokens")
+  with pytest.raises(RuntimeError, match="crash"):
+    with token_data.TokenDatasetWriter(target, num_examples=20, num_views=3,
+                                       token_shape=(2, 3)) as writer:
+      writer.append(tokens[:8], labels[:8])
+      raise RuntimeError("crash")
+  assert os.listdir(tmp_path) == []  # Nothing left, not even the tmp dir.
+  with pytest.raises(ValueError, match="Only 8 of 20"):
+    with token_data.TokenDatasetWriter(target, num_examples=20, num_views=3,
+                                       token_shape=(2, 3)) as writer:
+      writer.append(tokens[:8], labels[:8])
+  assert os.listdir(tmp_path) == []
+  # A process killed mid-write leaves only its hidden temporary directory,
+  # which is no dataset either.
+  writer = token_data.TokenDatasetWriter(target, num_examples=20,
+                                         num_views=3, token_shape=(2, 3))
+  writer.append(tokens[:8], labels[:8])
+  assert not token_data.is_token_dataset(target)
+  assert all(not token_data.is_token_dataset(str(tmp_path / name))
+             for name in os.listdir(tmp_path))
+  writer.abort()
+  with token_data.TokenDatasetWriter(target, num_examples=20, num_views=3,
+                                     token_shape=(2, 3)) as writer:
+    with pytest.raises(ValueError, match=r"\[n, 3, 2, 3\]"):
+      writer.append(tokens[:4, :2], labels[:4])
+    with pytest.raises(ValueError, match="exceed the 20"):
+      writer.append(np.concatenate([tokens, tokens[:1]]),
+                    np.concatenate([labels, labels[:1]]))
+    writer.append(tokens, labels)
+  assert len(token_data.TokenSource(target)) == 20
+  with pytest.raises(ValueError, match="num_views=0"):
+    token_data.TokenDatasetWriter(str(tmp_path / "x"), num_examples=2,
+                                  num_views=0, token_shape=(2, 3))
+
+
+def test_token_iterator_draws_one_view_per_example_per_epoch(tmp_path):
+  tokens, labels = multi_view_tokens()
+  target = token_data.write_token_dataset(str(tmp_path / "t"), tokens, labels)
+
+  def make(seed=2, shuffle=True):
+    return token_data.make_token_iterator(
+        target, global_batch_size=4, seed=seed, shuffle=shuffle,
+        process_index=0, process_count=1)
+
+  def epochs(batches):
+    values = np.concatenate([b["tokens"] for b in batches])
+    assert values.shape[1] == 6 and np.all(values == values[:, :1])
+    examples, views = values[:, 0] // 3, values[:, 0] % 3
+    np.testing.assert_array_equal(
+        np.concatenate([b["label"] for b in batches]), labels[examples])
+    return examples.reshape(-1, 20), views.reshape(-1, 20)
+
+  for shuffle in (False, True):
+    batches = take(make(shuffle=shuffle), 50)  # 10 epochs of 5 batches.
+    assert batches[0]["tokens"].shape == (4, 6)
+    assert batches[0]["tokens"].dtype == np.int32
+    examples, views = epochs(batches)
+    for epoch in examples:
+      assert sorted(epoch) == list(range(20))  # Each example once an epoch.
+    by_example = np.take_along_axis(views, np.argsort(examples, axis=1), 1)
+    assert not np.all(by_example == by_example[:1])  # Epochs draw anew...
+    assert 40 <= np.bincount(views.ravel(), minlength=3).min()  # ... evenly.
+  same = take(make(), 10)
+  assert_batches_equal(same, take(make(), 10))
+  assert not all(np.array_equal(a["tokens"], b["tokens"])
+                 for a, b in zip(same, take(make(seed=3), 10)))
+  iterator = make()
+  take(iterator, 3)
+  state = iterator.get_state()
+  expected = take(iterator, 8)  # Crosses an epoch boundary.
+  resumed = make()
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 8), expected)
+
+
+def test_version_1_token_datasets_still_read(tmp_path):
+  """A cache written before views existed: tokens [M, h, w], format 1."""
+  tokens, labels = fake_tokens()
+  target = tmp_path / "v1"
+  target.mkdir()
+  np.save(target / token_data.TOKENS_FILE, tokens.astype(np.int32))
+  np.save(target / token_data.LABELS_FILE, labels.astype(np.int32))
+  (target / token_data.METADATA_FILE).write_text(json.dumps(
+      {"format_version": 1, "num_examples": 20, "token_shape": [2, 3],
+       "metadata": {"codebook_size": 1024}}))
+  source = token_data.TokenSource(str(target))
+  assert source.num_views == 1 and source.token_shape == (2, 3)
+  np.testing.assert_array_equal(source[7]["tokens"], tokens[7][None])
+  batch = next(token_data.make_token_iterator(
+      str(target), global_batch_size=4, seed=0, shuffle=False,
+      process_index=0, process_count=1))
+  np.testing.assert_array_equal(batch["tokens"], tokens[:4].reshape(4, 6))
+  np.testing.assert_array_equal(batch["label"], labels[:4])
+  (target / token_data.METADATA_FILE).write_text(json.dumps(
+      {"format_version": 3, "num_examples": 20, "token_shape": [2, 3],
+       "metadata": {}}))
+  with pytest.raises(ValueError, match="format version 3"):
+    token_data.TokenSource(str(target))
+
+
+# Views for the token cache.
+
+
+def test_view_iterator_centre_crops_in_record_order(fashion_config):
+  batches = list(input_pipeline.make_view_iterator(
+      fashion_config, split="test", global_batch_size=4, num_crops=0,
+      flip=True, seed=0, process_index=0, process_count=1))
+  assert [b["views"].shape for b in batches] == [
+      (4, 2, 32, 32, 3), (4, 2, 32, 32, 3), (2, 2, 32, 32, 3)]
+  assert batches[0]["views"].dtype == np.float32
+  views = np.concatenate([b["views"] for b in batches])
+  source = sources.build_source(fashion_config, "test")  # TFDS's order.
+  want = [(int(source[i]["image"][0, 0, 0]) - 3) // 7 for i in range(NUM_TEST)]
+  assert sorted(want) == list(range(NUM_TRAIN, NUM_TRAIN + NUM_TEST))
+  for v in range(2):
+    np.testing.assert_array_equal(record_ids(views[:, v]), want)
+  np.testing.assert_array_equal(
+      np.concatenate([b["label"] for b in batches]),
+      [int(source[i]["label"]) for i in range(NUM_TEST)])
+  single = next(input_pipeline.make_view_iterator(
+      fashion_config, split="test", global_batch_size=4, num_crops=0,
+      flip=False, seed=0, process_index=0, process_count=1))
+  assert single["views"].shape == (4, 1, 32, 32, 3)
+
+
+def test_view_iterator_random_crops_are_seeded_per_record(folder, tmp_path):
+  config = folder_config(folder, tmp_path / "tfds")
+
+  def views(seed, batch=4, num_crops=3):
+    return np.concatenate([b["views"] for b in input_pipeline.make_view_iterator(
+        config, split="train", global_batch_size=batch, num_crops=num_crops,
+        flip=True, seed=seed, process_index=0, process_count=1)])
+
+  first = views(0)
+  assert first.shape == (4, 6, 8, 8, 3)  # crop0, mirror0, crop1, ...
+  np.testing.assert_array_equal(first, views(0))
+  np.testing.assert_array_equal(first, views(0, batch=3))  # Per record.
+  assert not np.array_equal(first, views(1))
+  crops, mirrors = first[:, 0::2], first[:, 1::2]
+  np.testing.assert_array_equal(mirrors, crops[:, :, :, ::-1])
+  for record in crops:
+    for a in range(3):
+      for b in range(a):
+        assert np.abs(record[a] - record[b]).max() > 0.01
+  # Crops are not the centre crop, which is what num_crops=0 stores.
+  centre = views(0, num_crops=0)
+  assert centre.shape == (4, 2, 8, 8, 3)
+  assert not np.array_equal(centre[:, 0], crops[:, 0])
+
+
+def test_num_views_and_bad_crop_counts():
+  assert input_pipeline.num_views(0, True) == 2
+  assert input_pipeline.num_views(0, False) == 1
+  assert input_pipeline.num_views(10, True) == 20
+  assert input_pipeline.num_views(3, False) == 3
+  for bad in (-1, 1.5, True, None):
+    with pytest.raises(ValueError, match=f"num_crops={bad!r}"):
+      input_pipeline.num_views(bad, True)
+  with pytest.raises(ValueError, match="flip=1"):
+    input_pipeline.num_views(2, 1)

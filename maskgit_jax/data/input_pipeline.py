@@ -11,7 +11,10 @@ Training: seeded global shuffle (a new order each epoch), random resized crop,
 optional horizontal flip, batches of exactly b (drop_remainder), repeated
 forever unless `num_epochs` is set. Evaluation: the records in order, the
 largest central square resized to S, one epoch, a smaller last batch.
-Grayscale images become 3 equal channels.
+Grayscale images become 3 equal channels. Token caches (`make_view_iterator`,
+for --mode=tokenize): the records in order, one epoch, each as V views
+(centre crop, or several random resized crops drawn like training's, each
+optionally with its mirror image), seeded per record.
 
 Augmentation draws from grain's per-record generator, seeded by `seed` and
 the record's position in the stream, so the batches depend only on the seed,
@@ -24,33 +27,7 @@ save/load for checkpointing next to the train state. A state only restores
 into an iterator with the same dataset, split, seed, sharding, batch and
 worker count.
 
-Data config (`default_data_config()`), an ml_collections ConfigDict:
-
-  name: "fashion_mnist", "image_folder", or a TFDS catalogue name prepared as
-    array_record such as "imagenet2012" (see `sources`).
-  data_dir: where TFDS datasets are built and read; "~" is expanded; None
-    means the TFDS default (~/tensorflow_datasets).
-  source_dir: the raw files: the idx directory for fashion_mnist (None means
-    /usr/share/datasets/fashion-mnist), the class-folder root for
-    image_folder; unused for catalogue datasets.
-  validation_fraction: image_folder only: part of the images held out as the
-    "validation" split (0 means only "train").
-  skip_corrupt_images: image_folder only: skip (and log) unreadable images
-    rather than fail the build.
-  train_split, eval_split: the split names the trainers and evaluators read
-    (fashion_mnist: train/test; imagenet2012: train/validation).
-  image_size: S, the side of the square output images.
-  random_resized_crop_scale: (lo, hi) area fraction of a training crop,
-    relative to the largest crop of the drawn aspect ratio that fits.
-  random_resized_crop_ratio: (lo, hi) aspect ratio (width / height) of a
-    training crop, drawn log-uniformly; (1, 1) keeps crops square, so
-    objects are never stretched.
-  random_flip: flip training images left-right with probability 1/2.
-  worker_count: grain worker processes (0: all in this process). More than 0
-    needs absl flags parsed first (absl.app.run does it).
-  worker_buffer_size: batches each worker prepares ahead.
-  read_threads: threads reading and decoding records.
-  prefetch_buffer_size: records read ahead by those threads.
+The data config's keys are described in `data_config`.
 """
 
 import math
@@ -63,29 +40,11 @@ import PIL.Image
 from ml_collections import config_dict
 
 from maskgit_jax.data import sources
+from maskgit_jax.data.data_config import default_data_config  # noqa: F401
 
 Example = Dict[str, np.ndarray]
 
 
-def default_data_config() -> config_dict.ConfigDict:
-  """Fashion-MNIST at 32x32; every key is described in the module docstring."""
-  config = config_dict.ConfigDict()
-  config.name = "fashion_mnist"
-  config.data_dir = "~/.cache/maskgit_jax/tfds"
-  config.source_dir = config_dict.placeholder(str)
-  config.validation_fraction = 0.0
-  config.skip_corrupt_images = True
-  config.train_split = "train"
-  config.eval_split = "test"
-  config.image_size = 32
-  config.random_resized_crop_scale = (0.8, 1.0)
-  config.random_resized_crop_ratio = (1.0, 1.0)
-  config.random_flip = True
-  config.worker_count = 0
-  config.worker_buffer_size = 2
-  config.read_threads = 4
-  config.prefetch_buffer_size = 64
-  return config
 
 
 def random_crop_box(height: int, width: int, rng: np.random.Generator,
@@ -176,18 +135,30 @@ def _check_range(name: str, value: Sequence[float], low: float,
   return lo, hi
 
 
-def image_transforms(data_config: config_dict.ConfigDict,
-                     train: bool) -> List[grain.transforms.Transformation]:
-  """Per-record transforms (before batching) for training or evaluation."""
+def _image_size(data_config: config_dict.ConfigDict) -> int:
   size = int(data_config.image_size)
   if size <= 0:
     raise ValueError(f"data.image_size={size} must be positive.")
-  if not train:
-    return [EvalPreprocess(size)]
+  return size
+
+
+def _crop_ranges(data_config: config_dict.ConfigDict
+                 ) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+  """The checked (scale, ratio) of random resized crops."""
   scale = _check_range("random_resized_crop_scale",
                        data_config.random_resized_crop_scale, 0.0, 1.0)
   ratio = _check_range("random_resized_crop_ratio",
                        data_config.random_resized_crop_ratio, 0.0, math.inf)
+  return scale, ratio
+
+
+def image_transforms(data_config: config_dict.ConfigDict,
+                     train: bool) -> List[grain.transforms.Transformation]:
+  """Per-record transforms (before batching) for training or evaluation."""
+  size = _image_size(data_config)
+  if not train:
+    return [EvalPreprocess(size)]
+  scale, ratio = _crop_ranges(data_config)
   return [TrainAugment(size, scale, ratio, bool(data_config.random_flip))]
 
 
@@ -277,6 +248,96 @@ def make_image_iterator(data_config: config_dict.ConfigDict, *, split: str,
       global_batch_size=global_batch_size, seed=seed,
       shuffle=train if shuffle is None else shuffle, num_epochs=num_epochs,
       drop_remainder=train if drop_remainder is None else drop_remainder,
+      process_index=process_index, process_count=process_count,
+      **loader_options(data_config))
+  return iter(loader)
+
+
+# Views for the token cache (--mode=tokenize).
+
+
+def num_views(num_crops: int, flip: bool) -> int:
+  """Views per image: (num_crops, or 1 centre crop) x (2 with the mirror)."""
+  if isinstance(num_crops, bool) or not isinstance(
+      num_crops, (int, np.integer)) or num_crops < 0:
+    raise ValueError(f"num_crops={num_crops!r} must be an integer >= 0 (0: "
+                     "the centre crop; n: n random resized crops).")
+  if not isinstance(flip, (bool, np.bool_)):
+    raise ValueError(f"flip={flip!r} must be True or False.")
+  return max(int(num_crops), 1) * (2 if flip else 1)
+
+
+class IndexedSource:
+  """A source whose records also carry their index, so that per-record
+  randomness follows the record, not its position in a (sharded) stream."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    return {**self.source[index], "index": np.int64(index)}
+
+  def __repr__(self) -> str:
+    return f"IndexedSource({self.source!r})"
+
+
+class MakeViews(grain.transforms.Map):
+  """One record -> {"views": float32 [V, S, S, 3], "label"}.
+
+  num_crops = 0: the evaluation centre crop; n > 0: n random resized crops
+  (the training augmentation's boxes) from a generator seeded by (seed,
+  record index), so re-running gives the same views. With `flip` each crop
+  is followed by its mirror image.
+  """
+
+  def __init__(self, image_size: int, num_crops: int, flip: bool, seed: int,
+               scale: Tuple[float, float], ratio: Tuple[float, float]):
+    num_views(num_crops, flip)  # Checks them.
+    self.image_size, self.num_crops, self.flip, self.seed = (
+        image_size, int(num_crops), bool(flip), int(seed))
+    self.scale, self.ratio = tuple(scale), tuple(ratio)
+
+  def boxes(self, height: int, width: int,
+            index: int) -> List[Tuple[float, ...]]:
+    if not self.num_crops:
+      return [center_square_box(height, width)]
+    rng = np.random.default_rng([self.seed, int(index)])
+    return [random_crop_box(height, width, rng, self.scale, self.ratio)
+            for _ in range(self.num_crops)]
+
+  def map(self, element: Dict[str, Any]) -> Example:
+    image = np.asarray(element["image"])
+    flips = (False, True) if self.flip else (False,)
+    views = [crop_resize(image, box, self.image_size, flip)
+             for box in self.boxes(image.shape[0], image.shape[1],
+                                   element["index"])
+             for flip in flips]
+    return {"views": np.stack(views), "label": np.int32(element["label"])}
+
+
+def make_view_iterator(data_config: config_dict.ConfigDict, *, split: str,
+                       global_batch_size: int, num_crops: int, flip: bool,
+                       seed: int, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None
+                       ) -> grain.DataLoaderIterator:
+  """Batches of every record's views, in record order, for the token cache.
+
+  Yields {"views": float32 [b, V, S, S, 3] in [0, 1], "label": int32 [b]}
+  over one pass, the last batch smaller, with V = `num_views(num_crops,
+  flip)` in the order crop 0, crop 0 mirrored, crop 1, ... (see
+  `MakeViews`). The crops depend only on `seed` and the record, not on the
+  batch size, sharding or worker count.
+  """
+  scale, ratio = _crop_ranges(data_config)
+  views = MakeViews(_image_size(data_config), num_crops, flip, seed, scale,
+                    ratio)
+  source = IndexedSource(sources.build_source(data_config, split))
+  loader = make_loader(
+      source, [views], global_batch_size=global_batch_size, seed=seed,
+      shuffle=False, num_epochs=1, drop_remainder=False,
       process_index=process_index, process_count=process_count,
       **loader_options(data_config))
   return iter(loader)

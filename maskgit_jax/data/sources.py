@@ -85,7 +85,7 @@ def build_source(data_config: config_dict.ConfigDict, split: str):
   """A grain-compatible random-access source of {"image", "label", ...} dicts.
 
   Args:
-    data_config: the data config (see `input_pipeline.default_data_config`).
+    data_config: the data config (see `data_config.default_data_config`).
     split: a split name of that dataset ("train", "test", "validation"), or a
       TFDS slice such as "train[:90%]".
   """

@@ -2,25 +2,32 @@
 
 A token dataset is a directory of plain files (never pickle):
 
-  tokens.npy     int32 [M, h, w]  codebook indices, one grid per image
-  labels.npy     int32 [M]        class ids
-  metadata.json  {"format_version", "num_examples", "token_shape",
-                  "metadata": whatever the writer passed (e.g. tokenizer
-                  checkpoint, codebook size, dataset, split)}
+  tokens.npy     int32 [M, V, h, w]  codebook indices: V views (crops,
+                                     mirror images) of each of M images
+  labels.npy     int32 [M]           class ids
+  metadata.json  {"format_version", "num_examples", "num_views",
+                  "token_shape": [h, w], "metadata": whatever the writer
+                  passed (e.g. codebook size, dataset, split, crops)}
 
-`write_token_dataset` writes it into a temporary sibling directory and renames
-that into place, so a directory with this name is always complete; it refuses
-to replace an existing dataset unless asked to. `TokenSource` memory-maps the
-arrays (random access without loading them), and `make_token_iterator` batches
-them through grain, sharded per process and checkpointable like the image
-pipeline (see `input_pipeline`).
+Format version 1 (tokens [M, h, w], no "num_views") is still read, as V = 1.
+
+`TokenDatasetWriter` is opened with the final shape and filled batch by batch
+through memory-mapped files in a temporary sibling directory (a cache of
+ImageNet with 20 views is tens of GB, more than memory), then renamed into
+place, so a directory with this name is always complete: a crash leaves only
+the hidden temporary directory. It refuses to replace an existing dataset
+unless asked to. `write_token_dataset` writes in-memory arrays through it.
+`TokenSource` memory-maps the arrays (random access without loading them),
+and `make_token_iterator` batches them through grain, drawing one view per
+example anew each epoch, sharded per process and checkpointable like the
+image pipeline (see `input_pipeline`).
 """
 
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
@@ -30,12 +37,18 @@ from maskgit_jax.data import input_pipeline
 TOKENS_FILE = "tokens.npy"
 LABELS_FILE = "labels.npy"
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def is_token_dataset(token_dir: str) -> bool:
   """Whether `token_dir` holds a complete token dataset."""
   return os.path.isfile(os.path.join(token_dir, METADATA_FILE))
+
+
+def _fsync_file(path: str) -> None:
+  with open(path, "rb+") as f:
+    os.fsync(f.fileno())
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -72,50 +85,144 @@ def _check_target(token_dir: str, overwrite: bool) -> None:
         f"(no {METADATA_FILE}); refusing to write over it.")
 
 
+def _positive_shape(name: str, value: int) -> int:
+  if isinstance(value, bool) or not isinstance(
+      value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive integer.")
+  return int(value)
+
+
+class TokenDatasetWriter:
+  """Streams a token dataset of known shape to disk, committed atomically.
+
+  Use as a context manager: `append` batches of tokens int [n, V, h, w] and
+  labels int [n] in order; leaving the block normally commits (every row
+  must have been written), an exception discards everything. `metadata` must
+  be JSON-serialisable. Raises FileExistsError if a dataset (or anything
+  else) is already at `token_dir`, unless `overwrite`.
+  """
+
+  def __init__(self, token_dir: str, *, num_examples: int, num_views: int,
+               token_shape: Sequence[int],
+               metadata: Optional[Mapping[str, Any]] = None,
+               overwrite: bool = False):
+    self.num_examples = _positive_shape("num_examples", num_examples)
+    self.num_views = _positive_shape("num_views", num_views)
+    if len(token_shape) != 2:
+      raise ValueError(f"token_shape={tuple(token_shape)} must be (h, w).")
+    self.token_shape: Tuple[int, int] = tuple(
+        _positive_shape("token_shape", s) for s in token_shape)
+    self.path = os.path.abspath(os.path.expanduser(token_dir))
+    self._overwrite = overwrite
+    self._info_text = json.dumps(  # Fails early if not serialisable.
+        {"format_version": FORMAT_VERSION, "num_examples": self.num_examples,
+         "num_views": self.num_views, "token_shape": list(self.token_shape),
+         "metadata": dict(metadata or {})}, indent=2, sort_keys=True)
+    _check_target(self.path, overwrite)
+    parent, self._name = os.path.split(self.path)
+    os.makedirs(parent, exist_ok=True)
+    self._tmp = tempfile.mkdtemp(prefix=f".{self._name}.tmp-", dir=parent)
+    try:
+      self._tokens = np.lib.format.open_memmap(
+          os.path.join(self._tmp, TOKENS_FILE), mode="w+", dtype=np.int32,
+          shape=(self.num_examples, self.num_views, *self.token_shape))
+    except BaseException:
+      shutil.rmtree(self._tmp, ignore_errors=True)
+      raise
+    self._labels = np.zeros(self.num_examples, np.int32)
+    self.count = 0  # Rows written so far.
+
+  def append(self, tokens: Any, labels: Any) -> None:
+    """Writes the next len(labels) examples."""
+    if self._tokens is None:
+      raise ValueError(f"The writer of {self.path!r} is already closed.")
+    tokens = _as_int32("tokens", tokens, 4)
+    labels = _as_int32("labels", labels, 1)
+    want = (self.num_views, *self.token_shape)
+    if tokens.shape[1:] != want or len(tokens) != len(labels):
+      raise ValueError(f"Expected tokens [n, {', '.join(map(str, want))}] and "
+                       f"labels [n], got {tokens.shape} and {labels.shape}.")
+    end = self.count + len(labels)
+    if end > self.num_examples:
+      raise ValueError(f"{end} examples exceed the {self.num_examples} the "
+                       f"writer of {self.path!r} was opened for.")
+    self._tokens[self.count:end] = tokens
+    self._labels[self.count:end] = labels
+    self.count = end
+
+  def commit(self) -> str:
+    """Flushes, writes the metadata last and renames into place."""
+    if self.count != self.num_examples:
+      raise ValueError(f"Only {self.count} of {self.num_examples} examples "
+                       f"were written to {self.path!r}; nothing committed.")
+    self._tokens.flush()
+    self._tokens = None  # Closes the memory map.
+    _fsync_file(os.path.join(self._tmp, TOKENS_FILE))
+    _save_npy(os.path.join(self._tmp, LABELS_FILE), self._labels)
+    with open(os.path.join(self._tmp, METADATA_FILE), "w",
+              encoding="utf-8") as f:
+      f.write(self._info_text)
+      f.flush()
+      os.fsync(f.fileno())
+    _check_target(self.path, self._overwrite)  # Someone may have written it.
+    parent = os.path.dirname(self.path)
+    old = None
+    if self._overwrite and is_token_dataset(self.path):
+      old = tempfile.mkdtemp(prefix=f".{self._name}.old-", dir=parent)
+      os.rename(self.path, os.path.join(old, self._name))
+    try:
+      # Fails (ENOTEMPTY) rather than replace a directory that has files.
+      os.rename(self._tmp, self.path)
+    except BaseException:
+      if old is not None and not os.path.exists(self.path):
+        os.rename(os.path.join(old, self._name), self.path)
+      raise
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+    return self.path
+
+  def abort(self) -> None:
+    """Discards what was written (the target is left untouched)."""
+    self._tokens = None
+    shutil.rmtree(self._tmp, ignore_errors=True)
+
+  def __enter__(self) -> "TokenDatasetWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      self.abort()
+      return
+    try:
+      self.commit()
+    except BaseException:
+      self.abort()
+      raise
+
+
 def write_token_dataset(token_dir: str, tokens: np.ndarray, labels: np.ndarray,
                         metadata: Optional[Mapping[str, Any]] = None, *,
                         overwrite: bool = False) -> str:
-  """Writes tokens int [M, h, w] and labels int [M] atomically; returns the dir.
+  """Writes in-memory tokens and labels int [M] atomically; returns the dir.
 
+  Tokens are int [M, V, h, w] (V views per example) or [M, h, w] (one view).
   `metadata` must be JSON-serialisable. Raises FileExistsError if a dataset
   (or anything else) is already at `token_dir`, unless `overwrite`.
   """
-  tokens = _as_int32("tokens", tokens, 3)
+  tokens = np.asarray(tokens)
+  if tokens.ndim == 3:
+    tokens = tokens[:, None]
+  tokens = _as_int32("tokens", tokens, 4)
   labels = _as_int32("labels", labels, 1)
   if len(tokens) != len(labels) or not len(tokens):
     raise ValueError(f"Need as many labels as token grids, at least one: got "
                      f"tokens {tokens.shape}, labels {labels.shape}.")
-  info = {"format_version": FORMAT_VERSION, "num_examples": len(tokens),
-          "token_shape": list(tokens.shape[1:]),
-          "metadata": dict(metadata or {})}
-  info_text = json.dumps(info, indent=2, sort_keys=True)  # Fails early.
-  token_dir = os.path.abspath(os.path.expanduser(token_dir))
-  _check_target(token_dir, overwrite)
-  parent, name = os.path.split(token_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  old = None
-  try:
-    _save_npy(os.path.join(tmp, TOKENS_FILE), tokens)
-    _save_npy(os.path.join(tmp, LABELS_FILE), labels)
-    with open(os.path.join(tmp, METADATA_FILE), "w", encoding="utf-8") as f:
-      f.write(info_text)
-      f.flush()
-      os.fsync(f.fileno())
-    _check_target(token_dir, overwrite)  # Again: someone may have written it.
-    if overwrite and is_token_dataset(token_dir):
-      old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-      os.rename(token_dir, os.path.join(old, name))
-    # Fails (ENOTEMPTY) rather than replace a directory that has files.
-    os.rename(tmp, token_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None and not os.path.exists(token_dir):
-      os.rename(os.path.join(old, name), token_dir)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-  return token_dir
+  with TokenDatasetWriter(token_dir, num_examples=len(tokens),
+                          num_views=tokens.shape[1],
+                          token_shape=tokens.shape[2:], metadata=metadata,
+                          overwrite=overwrite) as writer:
+    writer.append(tokens, labels)
+  return writer.path
 
 
 def _read_info(token_dir: str, missing_hint: str = "") -> Dict[str, Any]:
@@ -125,10 +232,10 @@ def _read_info(token_dir: str, missing_hint: str = "") -> Dict[str, Any]:
     raise FileNotFoundError(f"{message} {missing_hint}".strip())
   with open(os.path.join(token_dir, METADATA_FILE), encoding="utf-8") as f:
     info = json.load(f)
-  if info.get("format_version") != FORMAT_VERSION:
+  if info.get("format_version") not in READABLE_VERSIONS:
     raise ValueError(f"Token dataset {token_dir!r} has format version "
                      f"{info.get('format_version')}; this code reads "
-                     f"{FORMAT_VERSION}.")
+                     f"{list(READABLE_VERSIONS)}.")
   return info
 
 
@@ -139,10 +246,11 @@ def read_metadata(token_dir: str, missing_hint: str = "") -> Dict[str, Any]:
 
 
 class TokenSource:
-  """Random access to a token dataset: item i is {"tokens" [h, w], "label"}.
+  """Random access to a token dataset: item i is {"tokens" [V, h, w], "label"}.
 
-  The arrays are memory-mapped; pickling (for grain worker processes) sends
-  only the path.
+  `tokens` is the memory-mapped int32 [M, V, h, w] array (a version-1
+  dataset gets V = 1); pickling (for grain worker processes) sends only the
+  path.
   """
 
   def __init__(self, token_dir: str, missing_hint: str = ""):
@@ -151,11 +259,14 @@ class TokenSource:
     info = _read_info(self.path, missing_hint)
     self.metadata: Dict[str, Any] = info["metadata"]
     self.token_shape = tuple(info["token_shape"])
+    self.num_views = int(info.get("num_views", 1))
     self.tokens = np.load(os.path.join(self.path, TOKENS_FILE), mmap_mode="r",
                           allow_pickle=False)
     self.labels = np.load(os.path.join(self.path, LABELS_FILE), mmap_mode="r",
                           allow_pickle=False)
-    expected = (info["num_examples"], *self.token_shape)
+    if info["format_version"] == 1 and self.tokens.ndim == 3:
+      self.tokens = self.tokens[:, None]  # Still a memory map.
+    expected = (info["num_examples"], self.num_views, *self.token_shape)
     if self.tokens.shape != expected or self.labels.shape != expected[:1]:
       raise ValueError(f"Token dataset {self.path!r} is inconsistent: tokens "
                        f"{self.tokens.shape}, labels {self.labels.shape}, "
@@ -179,6 +290,20 @@ class TokenSource:
     self.__init__(**state)
 
 
+class PickView(grain.transforms.RandomMap):
+  """[V, h, w] views -> one [h, w] grid, drawn uniformly.
+
+  grain seeds the generator from the loader seed and the record's position
+  in the stream, so each epoch draws anew, reproducibly, and resuming from an
+  iterator state draws what the saved iterator would have.
+  """
+
+  def random_map(self, element: Dict[str, np.ndarray],
+                 rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    tokens = element["tokens"]
+    return {**element, "tokens": tokens[rng.integers(len(tokens))]}
+
+
 class FlattenTokens(grain.transforms.Map):
   """[h, w] token grid -> [h * w] in raster order."""
 
@@ -194,18 +319,22 @@ def make_token_iterator(token_dir: str, *, global_batch_size: int, seed: int,
                         worker_count: int = 0, worker_buffer_size: int = 2,
                         read_threads: int = 4, prefetch_buffer_size: int = 64,
                         missing_hint: str = "") -> grain.DataLoaderIterator:
-  """Checkpointable iterator of host-local token batches.
+  """Checkpointable iterator of host-local token batches, one view each.
 
   Yields {"tokens": int32 [b, h * w] ([b, h, w] if not `flatten`),
   "label": int32 [b]} with b = global_batch_size / process_count; repeats
-  forever unless `num_epochs`. `missing_hint` is appended to the
-  FileNotFoundError raised when `token_dir` holds no token dataset (e.g. the
-  command that writes it). The other arguments are those of
-  `input_pipeline.make_loader`.
+  forever unless `num_epochs`. Each example's view is drawn per epoch (see
+  `PickView`), so the same seed gives the same batches. `missing_hint` is
+  appended to the FileNotFoundError raised when `token_dir` holds no token
+  dataset (e.g. the command that writes it). The other arguments are those
+  of `input_pipeline.make_loader`.
   """
   source = TokenSource(token_dir, missing_hint)
+  transforms = [PickView()]
+  if flatten:
+    transforms.append(FlattenTokens())
   loader = input_pipeline.make_loader(
-      source, [FlattenTokens()] if flatten else [],
+      source, transforms,
       global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
       num_epochs=num_epochs, drop_remainder=drop_remainder,
       process_index=process_index, process_count=process_count,
