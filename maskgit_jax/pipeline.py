@@ -1,56 +1,34 @@
-"""The notebook-facing Pipeline: generate, tokenize, detokenize, logits.
+"""The notebook-facing Pipeline: generate, edit, tokenize, detokenize, logits.
 
     from maskgit_jax import Pipeline
     pipe = Pipeline.from_workdirs("workdirs/vqgan", "workdirs/maskgit")
     images = pipe.generate([0, 1, 2, 3], seed=0)      # uint8 [4, H, W, 3]
 
-Every method is jitted once per input shape (and per static option such as
-`num_iter`) and reused; parameters are passed as arguments, not baked into
-the compiled program. The same seed gives the same images.
+The compiled programs are module-level jitted functions of (static modules
+or `DecodeOptions`, parameters, inputs): parameters are arguments, never
+baked in, so every Pipeline built from equal modules (a new checkpoint, a
+fine-tuned copy) reuses one program per input shape and option set. The
+same seed gives the same images.
 """
 
+import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+import math
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskgit_jax import editing
 from maskgit_jax import sampling
 from maskgit_jax import schedules
 from maskgit_jax import streams
+from maskgit_jax.editing import box_mask, extend_canvas  # noqa: F401  (re-exported)
 from maskgit_jax.models import transformer as transformer_lib
 from maskgit_jax.models import vqgan as vqgan_lib
 
 MASK = transformer_lib.MASK_TOKEN_ID
-
-
-def guided_logits(model: transformer_lib.MaskGITTransformer, params,
-                  tokens: jnp.ndarray, guidance_scale) -> jnp.ndarray:
-  """Image-code logits with classifier-free guidance in one batched pass.
-
-  The unconditional input holds the mask token in the class slot (what
-  label dropout trains); logits = cond + scale * (cond - uncond).
-  """
-  unconditional = tokens.at[:, 0].set(MASK)
-  both = image_logits(model, params,
-                      jnp.concatenate([tokens, unconditional], axis=0))
-  cond, uncond = jnp.split(both, 2, axis=0)
-  return cond + guidance_scale * (cond - uncond)
-
-
-GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
-
-
-def guidance_at(scale, schedule: str, step, num_iter: int):
-  """Guidance scale at iteration `step`: constant, or rising from ~0 to
-  `scale` over the iterations (linear or half-cosine)."""
-  progress = (step + 1).astype(jnp.float32) / num_iter
-  if schedule == "linear":
-    return scale * progress
-  if schedule == "cosine":
-    return scale * (1.0 - jnp.cos(jnp.pi * progress)) / 2.0
-  return scale
 
 
 def image_logits(model: transformer_lib.MaskGITTransformer, params,
@@ -70,13 +48,129 @@ def decode_pixels(tokenizer: vqgan_lib.VQGAN, params,
   return jnp.clip(images, 0.0, 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """What `sample_images` compiles for: equal records share one program.
+
+  Flax modules are frozen dataclasses compared by their fields, so two
+  pipelines of the same architecture give equal records whatever their
+  parameters. `guidance_schedule` None means no guidance (one forward pass
+  per iteration instead of a doubled batch).
+  """
+  tokenizer: vqgan_lib.VQGAN
+  transformer: transformer_lib.MaskGITTransformer
+  token_shape: Tuple[int, int]
+  num_iter: int
+  mask_schedule: str = "cosine"
+  guidance_schedule: Optional[str] = None
+  start_iter: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "token_shape",
+                       tuple(int(s) for s in self.token_shape))
+    if isinstance(self.num_iter, bool) or not isinstance(
+        self.num_iter, int) or self.num_iter < 1:
+      raise ValueError(f"num_iter must be a positive int, got "
+                       f"{self.num_iter!r}.")
+    if isinstance(self.start_iter, bool) or not isinstance(
+        self.start_iter, int) or not 0 <= self.start_iter < self.num_iter:
+      raise ValueError(f"start_iter must be an int in [0, num_iter="
+                       f"{self.num_iter}), got {self.start_iter!r}.")
+    schedules.validate(self.mask_schedule)
+    if self.guidance_schedule is not None:
+      sampling.validate_guidance_schedule(self.guidance_schedule)
+
+
+# --- the compiled functions (one program per static argument and shape) ----
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def tokenize_images(tokenizer: vqgan_lib.VQGAN, params,
+                    images: jnp.ndarray) -> jnp.ndarray:
+  """Float images [B, H, W, C] -> int32 indices [B, h, w]."""
+  return tokenizer.apply({"params": params}, images,
+                         method=tokenizer.encode_to_indices)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def detokenize_indices(tokenizer: vqgan_lib.VQGAN, params,
+                       indices: jnp.ndarray) -> jnp.ndarray:
+  """Int32 indices [B, h, w] -> float images [B, H, W, C] in [0, 1]."""
+  return decode_pixels(tokenizer, params, indices)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def transformer_logits(transformer: transformer_lib.MaskGITTransformer,
+                       params, tokens: jnp.ndarray) -> jnp.ndarray:
+  """Int32 [B, 1 + N] (class token first) -> image-code logits."""
+  return image_logits(transformer, params, tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def sample_images(options: DecodeOptions, transformer_params,
+                  tokenizer_params, inputs: jnp.ndarray, rng: jax.Array,
+                  choice_temperature: jnp.ndarray,
+                  guidance_scale: jnp.ndarray,
+                  temperature: jnp.ndarray) -> jnp.ndarray:
+  """Decodes int32 inputs [B, 1 + N] (-1 = unknown) to uint8 images.
+
+  The float knobs are traced arguments, so changing them never recompiles.
+  """
+  logits_fn = functools.partial(image_logits, options.transformer,
+                                transformer_params)
+  if options.guidance_schedule is None:
+    to_logits = lambda tokens, step: logits_fn(tokens)
+  else:
+    to_logits = sampling.guided(logits_fn, guidance_scale,
+                                options.guidance_schedule, options.num_iter,
+                                mask_token_id=MASK)
+  tokens = sampling.decode(to_logits, inputs, rng, num_iter=options.num_iter,
+                           choice_temperature=choice_temperature,
+                           schedule=options.mask_schedule,
+                           temperature=temperature,
+                           start_iter=options.start_iter, pass_step=True)
+  indices = tokens[:, 1:].reshape((-1,) + options.token_shape)
+  images = decode_pixels(options.tokenizer, tokenizer_params, indices)
+  return jnp.round(images * 255).astype(jnp.uint8)
+
+
+def _check_float(name: str, value, minimum: float,
+                 inclusive: bool = True) -> float:
+  """`value` as a float, or a ValueError naming it and the allowed range."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = math.nan
+  bound = number >= minimum if inclusive else number > minimum
+  if not (math.isfinite(number) and bound):
+    relation = ">=" if inclusive else ">"
+    raise ValueError(f"{name} must be a finite number {relation} {minimum:g}, "
+                     f"got {value!r}.")
+  return number
+
+
+def _knobs(choice_temperature, guidance_scale,
+           temperature) -> Tuple[float, float, float]:
+  """The traced float options, checked before anything compiles."""
+  return (_check_float("choice_temperature", choice_temperature, 0.0),
+          _check_float("guidance_scale", guidance_scale, 0.0),
+          _check_float("temperature", temperature, 0.0, inclusive=False))
+
+
 class Pipeline:
-  """A tokenizer and a transformer with their parameters (EMA weights)."""
+  """A tokenizer and a transformer with their parameters (EMA weights).
+
+  `has_unconditional` says whether the transformer was trained with label
+  dropout, i.e. also learned the unconditional model that classifier-free
+  guidance needs; without it guidance is refused rather than silently
+  producing off-distribution samples.
+  """
 
   def __init__(self, tokenizer: vqgan_lib.VQGAN, tokenizer_params,
                transformer: transformer_lib.MaskGITTransformer,
                transformer_params, *, token_shape: Sequence[int],
-               mask_schedule: str = "cosine"):
+               mask_schedule: str = "cosine",
+               has_unconditional: bool = False):
     if tokenizer.codebook_size != transformer.codebook_size:
       raise ValueError(
           f"Tokenizer codebook_size={tokenizer.codebook_size} differs from the "
@@ -86,20 +180,43 @@ class Pipeline:
       raise ValueError(f"token_shape {tuple(token_shape)} has {height * width} "
                        f"tokens; the transformer expects "
                        f"{transformer.num_tokens}.")
+    schedules.validate(mask_schedule)
+    if not isinstance(has_unconditional, (bool, np.bool_)):
+      raise ValueError(f"has_unconditional must be True or False, got "
+                       f"{has_unconditional!r}.")
+    try:  # The modules are static arguments of the compiled functions.
+      hash((tokenizer, transformer))
+    except TypeError as e:
+      raise ValueError(f"The tokenizer and transformer modules must be "
+                       f"hashable (tuples, not lists, in their fields): {e}")
     self.tokenizer, self.tokenizer_params = tokenizer, tokenizer_params
     self.transformer, self.transformer_params = transformer, transformer_params
     self.token_shape = (int(height), int(width))
     self.mask_schedule = mask_schedule
+    self.has_unconditional = bool(has_unconditional)
     self.num_classes = transformer.num_classes
     self.codebook_size = transformer.codebook_size
 
   @classmethod
   def from_workdirs(cls, tokenizer_workdir: str, transformer_workdir: str,
                     step: Optional[int] = None) -> "Pipeline":
-    """Loads both stages' EMA parameters from their training workdirs."""
-    from maskgit_jax.train import restore  # Local: avoids an import cycle.
-    return restore.pipeline_from_workdirs(cls, tokenizer_workdir,
-                                          transformer_workdir, step)
+    """Loads both stages' EMA parameters from their training workdirs.
+
+    Only the EMA weights are read from the checkpoints (`step`: the
+    transformer's; default the newest), and both models run in float32
+    whatever dtype they were trained in.
+    """
+    from maskgit_jax import workdir as workdir_lib
+    tokenizer_run = workdir_lib.Workdir(tokenizer_workdir)
+    k_config, tokenizer, k_params = tokenizer_run.load_tokenizer()
+    token_shape = tokenizer_run.token_shape(k_config,
+                                            tokenizer.downsample_factor)
+    t_config, transformer, t_params = workdir_lib.Workdir(
+        transformer_workdir).load_transformer(
+            tokenizer.codebook_size, token_shape[0] * token_shape[1], step)
+    return cls(tokenizer, k_params, transformer, t_params,
+               token_shape=token_shape, mask_schedule=t_config.mask_schedule,
+               has_unconditional=workdir_lib.has_unconditional(t_config))
 
   @classmethod
   def from_official(cls, tokenizer: str, transformer: str) -> "Pipeline":
@@ -107,6 +224,8 @@ class Pipeline:
 
     Every size is inferred from the parameter trees; the token grid is
     square (16x16 at 256px, 32x32 at 512px). See `maskgit_jax.official`.
+    The released transformers were trained without label dropout, so they
+    have no unconditional model and take no guidance.
     """
     from maskgit_jax import official
     k_model, k_params, t_model, t_params = official.load_official(
@@ -116,13 +235,15 @@ class Pipeline:
       raise official.OfficialCheckpointError(
           f"The transformer has {t_model.num_tokens} image positions, not a "
           "square grid.")
-    return cls(k_model, k_params, t_model, t_params, token_shape=(side, side))
+    return cls(k_model, k_params, t_model, t_params, token_shape=(side, side),
+               has_unconditional=False)
 
   @classmethod
   def random(cls, seed: int = 0, num_classes: int = 10,
              image_size: int = 32) -> "Pipeline":
     """A small pipeline with random weights, to try the API without any
-    checkpoint (its images are noise-like, not samples of anything)."""
+    checkpoint (its images are noise-like, not samples of anything).
+    Every option works on it, guidance included."""
     tokenizer = vqgan_lib.VQGAN(filters=16, channel_multipliers=(1, 2, 2),
                                 num_res_blocks=1, embedding_dim=16,
                                 codebook_size=64, num_groups=8)
@@ -136,25 +257,17 @@ class Pipeline:
     t_params = transformer.init(
         t_rng, jnp.zeros((1, transformer.seq_len), jnp.int32))["params"]
     return cls(tokenizer, k_params, transformer, t_params,
-               token_shape=(side, side))
+               token_shape=(side, side), has_unconditional=True)
 
   # --- tokens <-> images ---------------------------------------------------
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def _encode(self, params, images):
-    return self.tokenizer.apply({"params": params}, images,
-                                method=self.tokenizer.encode_to_indices)
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def _decode(self, params, indices):
-    return decode_pixels(self.tokenizer, params, indices)
 
   def tokenize(self, images) -> np.ndarray:
     """Float images [B, H, W, C] in [0, 1] -> int32 indices [B, h, w]."""
     images = np.asarray(images, np.float32)
     if images.ndim != 4:
       raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}.")
-    return np.asarray(self._encode(self.tokenizer_params, images))
+    return np.asarray(tokenize_images(self.tokenizer, self.tokenizer_params,
+                                      images))
 
   def detokenize(self, indices) -> np.ndarray:
     """Int indices [B, h, w] -> float images [B, H, W, C] in [0, 1]."""
@@ -164,22 +277,22 @@ class Pipeline:
     if indices.min() < 0 or indices.max() >= self.codebook_size:
       raise ValueError(f"indices must lie in [0, {self.codebook_size}), got "
                        f"range [{indices.min()}, {indices.max()}].")
-    return np.asarray(self._decode(self.tokenizer_params,
-                                   indices.astype(np.int32)))
+    return np.asarray(detokenize_indices(self.tokenizer, self.tokenizer_params,
+                                         indices.astype(np.int32)))
 
   # --- the transformer ------------------------------------------------------
 
   def _class_tokens(self, class_ids) -> np.ndarray:
     class_ids = np.asarray(class_ids).reshape(-1)
-    if class_ids.size and (class_ids.min() < 0 or
-                           class_ids.max() >= self.num_classes):
+    if class_ids.size == 0:
+      raise ValueError("class ids must hold at least one class, got none.")
+    if not np.issubdtype(class_ids.dtype, np.integer):
+      raise ValueError(f"class ids must be integers, got {class_ids.tolist()} "
+                       f"(dtype {class_ids.dtype}).")
+    if class_ids.min() < 0 or class_ids.max() >= self.num_classes:
       raise ValueError(f"class ids must lie in [0, {self.num_classes}), got "
                        f"{class_ids.tolist()}.")
     return (class_ids + self.codebook_size).astype(np.int32)
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def _logits(self, params, tokens):
-    return image_logits(self.transformer, params, tokens)
 
   def logits(self, tokens, class_ids) -> np.ndarray:
     """tokens int [B, N] (-1 = masked), class ids [B] -> float32
@@ -188,28 +301,45 @@ class Pipeline:
     n = self.transformer.num_tokens
     if tokens.ndim != 2 or tokens.shape[1] != n:
       raise ValueError(f"tokens must be [B, {n}], got shape {tokens.shape}.")
-    full = np.concatenate([self._class_tokens(class_ids)[:, None],
-                           tokens.astype(np.int32)], axis=1)
-    return np.asarray(self._logits(self.transformer_params, full))[:, 1:]
+    classes = self._class_tokens(class_ids)
+    if classes.size != len(tokens):
+      raise ValueError(f"got {classes.size} class ids for {len(tokens)} token "
+                       "rows; give one per row.")
+    full = np.concatenate([classes[:, None], tokens.astype(np.int32)], axis=1)
+    return np.asarray(transformer_logits(self.transformer,
+                                         self.transformer_params, full))[:, 1:]
 
-  @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-  def _generate(self, t_params, k_params, inputs, rng, num_iter, schedule,
-                guidance, start_iter, choice_temperature, guidance_scale,
-                temperature):
-    """`guidance`: None, or the name of the guidance-scale schedule."""
-    def to_logits(tokens, step):
-      if guidance is None:
-        return image_logits(self.transformer, t_params, tokens)
-      scale = guidance_at(guidance_scale, guidance, step, num_iter)
-      return guided_logits(self.transformer, t_params, tokens, scale)
+  def _guidance(self, scale, schedule: str) -> Optional[str]:
+    """The static guidance option: None (off) or the schedule name.
 
-    tokens = sampling.decode(to_logits, inputs, rng, num_iter=num_iter,
-                             choice_temperature=choice_temperature,
-                             schedule=schedule, temperature=temperature,
-                             start_iter=start_iter, pass_step=True)
-    indices = tokens[:, 1:].reshape((-1,) + self.token_shape)
-    images = decode_pixels(self.tokenizer, k_params, indices)
-    return jnp.round(images * 255).astype(jnp.uint8)
+    Refuses guidance on a transformer without an unconditional model,
+    before anything compiles.
+    """
+    sampling.validate_guidance_schedule(schedule)
+    scale = _check_float("guidance_scale", scale, 0.0)
+    if scale == 0.0:
+      return None
+    if not self.has_unconditional:
+      raise ValueError(
+          f"guidance_scale={scale} needs a transformer trained with label "
+          "dropout (an unconditional model); this one was not (imported "
+          "official weights, or config.label_dropout=0). Retrain or fine-tune "
+          "with --config.label_dropout=0.1, or use guidance_scale=0.")
+    return schedule
+
+  def _options(self, num_iter: int, schedule: str, guidance: Optional[str],
+               start_iter: int) -> DecodeOptions:
+    return DecodeOptions(tokenizer=self.tokenizer,
+                         transformer=self.transformer,
+                         token_shape=self.token_shape, num_iter=num_iter,
+                         mask_schedule=schedule, guidance_schedule=guidance,
+                         start_iter=start_iter)
+
+  def _sample(self, options: DecodeOptions, inputs: np.ndarray, seed: int,
+              knobs: Tuple[float, float, float]) -> np.ndarray:
+    return np.asarray(sample_images(
+        options, self.transformer_params, self.tokenizer_params, inputs,
+        jax.random.key(seed), *(jnp.float32(k) for k in knobs)))
 
   def generate(self, class_ids, seed: int = 0, num_iter: int = 8,
                choice_temperature: float = 4.5, guidance_scale: float = 0.0,
@@ -217,145 +347,81 @@ class Pipeline:
                guidance_schedule: str = "constant") -> np.ndarray:
     """Class-conditional samples: uint8 images [B, H, W, C].
 
-    guidance_scale > 0 applies classifier-free guidance, at that scale
-    throughout (`guidance_schedule="constant"`) or rising to it over the
-    iterations ("linear", "cosine").
+    guidance_scale > 0 applies classifier-free guidance (it needs
+    `has_unconditional`), at that scale throughout
+    (`guidance_schedule="constant"`) or rising to it over the iterations
+    ("linear", "cosine").
     """
-    if not isinstance(num_iter, int) or num_iter < 1:
-      raise ValueError(f"num_iter must be a positive int, got {num_iter!r}.")
-    schedule = schedule or self.mask_schedule
-    schedules.validate(schedule)
+    knobs = _knobs(choice_temperature, guidance_scale, temperature)
+    options = self._options(num_iter, schedule or self.mask_schedule,
+                            self._guidance(guidance_scale, guidance_schedule),
+                            start_iter=0)
     classes = self._class_tokens(class_ids)
     inputs = np.full((classes.size, 1 + self.transformer.num_tokens), MASK,
                      np.int32)
     inputs[:, 0] = classes
-    images = self._generate(
-        self.transformer_params, self.tokenizer_params, inputs,
-        jax.random.key(seed), num_iter, schedule,
-        _guidance(guidance_scale, guidance_schedule), 0,
-        jnp.float32(choice_temperature), jnp.float32(guidance_scale),
-        jnp.float32(temperature))
-    return np.asarray(images)
+    return self._sample(options, inputs, seed, knobs)
 
   # --- editing --------------------------------------------------------------
 
-  def token_mask(self, pixel_mask, dilate: int = 0) -> np.ndarray:
-    """Pixel mask [B, H, W] -> token mask [B, h, w]: a token is regenerated
-    when any pixel of its patch is, grown by `dilate` tokens each way (the
-    official demo grows an edited box by one token)."""
-    pixel_mask = np.asarray(pixel_mask, bool)
-    b, height, width = pixel_mask.shape
-    h, w = self.token_shape
-    if height % h or width % w:
-      raise ValueError(f"mask of size {height}x{width} does not tile the "
-                       f"{h}x{w} token grid.")
-    cells = pixel_mask.reshape(b, h, height // h, w, width // w).any((2, 4))
-    for _ in range(dilate):  # Rows, then columns: a box grows into a box.
-      rows = cells.copy()
-      rows[:, 1:] |= cells[:, :-1]
-      rows[:, :-1] |= cells[:, 1:]
-      cells = rows.copy()
-      cells[:, :, 1:] |= rows[:, :, :-1]
-      cells[:, :, :-1] |= rows[:, :, 1:]
-    return cells
+  def token_mask(self, pixel_mask, dilate: int = 1) -> np.ndarray:
+    """Pixel mask [B, H, W] -> the token mask [B, h, w] that `edit`
+    regenerates with the same `dilate` (see `editing.token_mask`)."""
+    return editing.token_mask(pixel_mask, self.token_shape, dilate)
 
   def edit(self, images, mask, class_ids, seed: int = 0, num_iter: int = 12,
            start_iter: int = 2, choice_temperature: float = 4.5,
            guidance_scale: float = 0.0, temperature: float = 1.0,
-           dilate: int = 0, blend: bool = True,
-           guidance_schedule: str = "constant") -> np.ndarray:
+           dilate: int = 1, blend: bool = True,
+           guidance_schedule: str = "constant",
+           blur_radius: Optional[int] = None) -> np.ndarray:
     """Regenerates the masked part of `images` under `class_ids`.
 
     One call covers the official demo's edits: inpainting (mask a region),
-    outpainting (`extend_canvas` gives the shifted image and the mask of
-    the new area) and class-conditional editing (a box and a new class).
-    The kept tokens stay fixed; decoding starts at `start_iter` of
+    outpainting (`editing.extend_canvas` gives the shifted image and the
+    mask of the new area) and class-conditional editing (a box and a new
+    class). The kept tokens stay fixed; decoding starts at `start_iter` of
     `num_iter`, as the official editing does (2 of 12).
 
     Args:
       images: float [B, H, W, C] in [0, 1].
       mask: bool [B, H, W] pixels to regenerate (or [H, W] for all).
       class_ids: [B] target classes.
-      dilate: grow the token mask by this many tokens each way.
-      blend: paste the result back through the token mask blurred by
-        (patch size - 1) pixels, as the official demo composites; False
+      dilate: grow the token mask by this many tokens each way (the
+        official demo grows an edited box by one, so it blends in).
+      blend: paste the result back through the token mask Gaussian-blurred
+        by `blur_radius` pixels, as the official demo composites; False
         returns the decoded images as they are.
+      blur_radius: defaults to H // 16 - 1 (the official radius: 15 at
+        256 px, 31 at 512 px).
     Returns:
       uint8 images [B, H, W, C].
     """
+    knobs = _knobs(choice_temperature, guidance_scale, temperature)
+    options = self._options(num_iter, self.mask_schedule,
+                            self._guidance(guidance_scale, guidance_schedule),
+                            start_iter)
     images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+      raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}.")
     mask = np.asarray(mask, bool)
     if mask.ndim == 2:
       mask = np.broadcast_to(mask, images.shape[:3])
     if mask.shape != images.shape[:3]:
       raise ValueError(f"mask shape {mask.shape} does not match images "
                        f"{images.shape[:3]}.")
-    if not isinstance(start_iter, int) or not 0 <= start_iter < num_iter:
-      raise ValueError(f"start_iter must be in [0, num_iter={num_iter}), got "
-                       f"{start_iter!r}.")
+    classes = self._class_tokens(class_ids)
+    if classes.size != len(images):
+      raise ValueError(f"got {classes.size} class ids for {len(images)} "
+                       "images; give one per image.")
     cells = self.token_mask(mask, dilate)
+    # The blur radius is checked here too, before anything compiles.
+    weight = (editing.soft_mask(cells, images.shape[1:3], blur_radius)
+              if blend else None)
     tokens = np.where(cells, MASK, self.tokenize(images)).reshape(
         len(images), -1)
-    inputs = np.concatenate([self._class_tokens(class_ids)[:, None], tokens],
-                            axis=1).astype(np.int32)
-    edited = np.asarray(self._generate(
-        self.transformer_params, self.tokenizer_params, inputs,
-        jax.random.key(seed), num_iter, self.mask_schedule,
-        _guidance(guidance_scale, guidance_schedule), start_iter,
-        jnp.float32(choice_temperature),
-        jnp.float32(guidance_scale), jnp.float32(temperature)))
-    if not blend:
-      return edited
-    weight = soft_mask(cells, images.shape[1:3])[..., None]
-    original = np.round(np.clip(images, 0, 1) * 255)
-    return np.round(edited * weight + original * (1 - weight)).astype(np.uint8)
-
-
-def _guidance(scale: float, schedule: str) -> Optional[str]:
-  if schedule not in GUIDANCE_SCHEDULES:
-    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, "
-                     f"got {schedule!r}.")
-  return None if scale == 0.0 else schedule
-
-
-def soft_mask(cells: np.ndarray, size) -> np.ndarray:
-  """Token mask [B, h, w] -> float [B, H, W]: upsampled, Gaussian-blurred
-  with radius (patch size - 1) pixels, as the official demo composites."""
-  from PIL import Image, ImageFilter
-  height, width = size
-  radius = max(height // cells.shape[1] - 1, 0)
-  out = []
-  for cell in cells:
-    image = Image.fromarray(cell.astype(np.uint8) * 255).resize(
-        (width, height), Image.NEAREST)
-    out.append(np.asarray(image.filter(ImageFilter.GaussianBlur(radius)),
-                          np.float32) / 255.0)
-  return np.stack(out)
-
-
-def box_mask(size, top: int, left: int, height: int, width: int) -> np.ndarray:
-  """bool [H, W], True inside the box: what `edit` regenerates."""
-  mask = np.zeros(tuple(size), bool)
-  mask[top:top + height, left:left + width] = True
-  return mask
-
-
-def extend_canvas(images, pixels: int, side: str = "right"):
-  """Outpainting inputs: shifts `images` [B, H, W, C] by `pixels` away from
-  `side` and returns (canvas, mask) with mask True on the new strip."""
-  images = np.asarray(images, np.float32)
-  sides = {"right": (2, -1), "left": (2, 1), "bottom": (1, -1), "top": (1, 1)}
-  if side not in sides:
-    raise ValueError(f"side must be one of {sorted(sides)}, got {side!r}.")
-  axis, direction = sides[side]
-  if not 0 < pixels < images.shape[axis]:
-    raise ValueError(f"pixels must be in (0, {images.shape[axis]}), got "
-                     f"{pixels}.")
-  canvas = np.roll(images, direction * pixels, axis=axis)
-  mask = np.zeros(images.shape[:3], bool)
-  index = [slice(None)] * 3
-  index[axis] = slice(-pixels, None) if side in ("right", "bottom") else (
-      slice(0, pixels))
-  mask[tuple(index)] = True
-  canvas[mask] = 0.0
-  return canvas, mask
+    inputs = np.concatenate([classes[:, None], tokens], axis=1).astype(
+        np.int32)
+    edited = self._sample(options, inputs, seed, knobs)
+    return edited if weight is None else editing.composite(edited, images,
+                                                           weight)

@@ -23,6 +23,10 @@ unknown positions:
 The iterations are one `jax.lax.fori_loop`, so `tokens_to_logits` is traced
 once and the loop never returns to the host. Call `decode` under `jax.jit`
 (or use `make_decoder`) to compile it once per input shape.
+
+Classifier-free guidance is a wrapper around `tokens_to_logits`: `guided`
+adds an unconditional half to the batch and combines the two halves,
+with a scale that may follow a schedule over the iterations.
 """
 
 import functools
@@ -180,3 +184,56 @@ def decode(tokens_to_logits: TokensToLogits,
 def make_decoder(tokens_to_logits: TokensToLogits, **decode_kwargs):
   """Returns jit(lambda inputs, rng: decode(tokens_to_logits, inputs, rng))."""
   return jax.jit(functools.partial(decode, tokens_to_logits, **decode_kwargs))
+
+
+# --- classifier-free guidance ----------------------------------------------
+
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+
+StepLogits = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def validate_guidance_schedule(schedule: str) -> None:
+  """Raises a ValueError naming `schedule` unless it is a known one."""
+  if schedule not in GUIDANCE_SCHEDULES:
+    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, "
+                     f"got {schedule!r}.")
+
+
+def guidance_at(scale, schedule: str, step, num_iter: int):
+  """Guidance scale at iteration `step`: constant, or rising from ~0 to
+  `scale` over the iterations (linear or half-cosine), so the early, freely
+  chosen tokens are guided least."""
+  validate_guidance_schedule(schedule)
+  progress = (step + 1).astype(jnp.float32) / num_iter
+  if schedule == "linear":
+    return scale * progress
+  if schedule == "cosine":
+    return scale * (1.0 - jnp.cos(jnp.pi * progress)) / 2.0
+  return scale
+
+
+def combine_guidance(cond: jnp.ndarray, uncond: jnp.ndarray,
+                     scale) -> jnp.ndarray:
+  """The guidance rule: cond + scale * (cond - uncond)."""
+  return cond + scale * (cond - uncond)
+
+
+def guided(tokens_to_logits: TokensToLogits, scale, schedule: str,
+           num_iter: int, mask_token_id: int = -1) -> StepLogits:
+  """Wraps a logits fn of [class token, image tokens] sequences into a
+  guided `fn(tokens, step)` for `decode(..., pass_step=True)`.
+
+  The unconditional input holds `mask_token_id` in the class slot (what
+  label dropout trains); both halves go through one batched forward pass,
+  so guidance costs one call of twice the batch, not two calls.
+  """
+  validate_guidance_schedule(schedule)
+
+  def guided_logits(tokens: jnp.ndarray, step) -> jnp.ndarray:
+    unconditional = tokens.at[:, 0].set(mask_token_id)
+    both = tokens_to_logits(jnp.concatenate([tokens, unconditional], axis=0))
+    cond, uncond = jnp.split(both, 2, axis=0)
+    return combine_guidance(cond, uncond,
+                            guidance_at(scale, schedule, step, num_iter))
+  return guided_logits

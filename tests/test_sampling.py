@@ -217,3 +217,41 @@ def test_bad_inputs_are_rejected():
   with pytest.raises(ValueError, match="integer"):
     sampling.decode(random_logits_fn(), jnp.zeros((1, 8)),
                     jax.random.key(0), num_iter=2)
+
+
+def test_guidance_schedules_rise_to_the_scale():
+  steps = jnp.arange(4)
+  np.testing.assert_allclose(sampling.guidance_at(2.0, "linear", steps, 4),
+                             [0.5, 1.0, 1.5, 2.0])
+  cosine = np.asarray(sampling.guidance_at(2.0, "cosine", steps, 4))
+  assert np.all(np.diff(cosine) > 0) and np.isclose(cosine[-1], 2.0)
+  assert sampling.guidance_at(2.0, "constant", steps, 4) == 2.0
+  with pytest.raises(ValueError, match="constant.*got 'step'"):
+    sampling.guidance_at(2.0, "step", steps, 4)
+
+
+def test_guided_combines_both_halves_in_one_call():
+  """cond + scale * (cond - uncond), with the class slot masked in the
+  unconditional half, from a single forward pass of twice the batch."""
+  inner = random_logits_fn()
+  calls = []
+
+  def counting(tokens):
+    calls.append(tokens.shape)
+    return inner(tokens)
+
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (3, 9)),
+                       jnp.int32).at[:, 4:].set(-1)
+  guided = sampling.guided(counting, 1.5, "linear", 4)(tokens, jnp.int32(1))
+  assert calls == [(6, 9)]
+  cond, uncond = inner(tokens), inner(tokens.at[:, 0].set(-1))
+  np.testing.assert_allclose(guided, cond + 0.75 * (cond - uncond),
+                             rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="guidance_schedule"):
+    sampling.guided(inner, 1.0, "cosinus", 4)
+
+
+def test_guided_decoding_runs_in_the_loop():
+  f = sampling.guided(random_logits_fn(), 2.0, "cosine", 4)
+  out = run(f, fully_masked(2, 16), pass_step=True)
+  assert out.shape == (2, 16) and int((out < 0).sum()) == 0
