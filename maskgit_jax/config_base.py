@@ -23,8 +23,8 @@ def from_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
 
 def _data_config(name: str = "fashion_mnist",
                  image_size: int = 32) -> ml_collections.ConfigDict:
-  from maskgit_jax.data import input_pipeline  # Local: keeps configs importable fast.
-  data = input_pipeline.default_data_config()
+  from maskgit_jax.data import data_config
+  data = data_config.default_data_config()
   data.name = name
   data.image_size = image_size
   return data
@@ -51,6 +51,10 @@ def _common(stage: str) -> ml_collections.ConfigDict:
       warmup_steps=0, schedule="constant", grad_clip_norm=0.0))
   # Non-finite loss: "error" stops naming the step; "skip" drops the update.
   c.on_nonfinite = "error"
+  # When checkpoints exist but none can be restored (all damaged): False
+  # stops with an error listing them; True moves them to
+  # checkpoints_damaged/ and trains from step 0.
+  c.start_fresh_if_unrestorable = False
   return c
 
 
@@ -79,7 +83,14 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.d_optimizer = ml_collections.ConfigDict(dict(c.optimizer))
   c.codebook_usage_window = 100     # steps over which code usage is counted
   c.num_eval_images = 16            # reconstructions drawn at eval intervals
-  c.tokenize_batch_size = 256       # --mode=tokenize
+  # --mode=tokenize: the token cache stage 2 trains on, V views per image.
+  c.tokenize = ml_collections.ConfigDict(dict(
+      batch_size=256,   # images (views included) per encoder call
+      # 0: the single centre crop; n > 0: n random resized crops per image,
+      # drawn like the training augmentation (data.random_resized_crop_scale
+      # and _ratio), seeded by `seed`; stage 2 draws one view per epoch.
+      num_crops=0,
+      flip=True))       # also store each view's mirror image
   return c
 
 

@@ -40,9 +40,10 @@ def load_config(name: str):
 def last_metrics(workdir: str) -> dict:
   """The newest value of every metric in a run's metrics.jsonl."""
   merged = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      merged.update(json.loads(line))
+  from maskgit_jax import workdir as workdir_lib
+  text = workdir_lib.Workdir(workdir).metrics_file.read_text()
+  for line in text.splitlines():
+    merged.update(json.loads(line))
   return merged
 
 
@@ -78,7 +79,7 @@ def main(argv):
       seed=0, train=False, process_index=0, process_count=1))["image"]
   recon = pipe.detokenize(pipe.tokenize(test))
   images_lib.save_pairs(test, recon, os.path.join(out, "reconstructions.png"))
-  psnr = jobs.evaluate_tokenizer(tokenizer, vqgan_dir)["psnr"]
+  psnr = jobs.run("eval", tokenizer, vqgan_dir)["psnr"]
 
   k_metrics, t_metrics = last_metrics(vqgan_dir), last_metrics(maskgit_dir)
   summary = {

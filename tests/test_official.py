@@ -123,7 +123,7 @@ def test_import_tool_writes_workdirs_that_sample_the_same(tmp_path, pipe):
 
 
 def test_edit_regenerates_only_the_box(pipe, reference):
-  from maskgit_jax.pipeline import box_mask
+  from maskgit_jax.editing import box_mask
   images = reference["images"]
   mask = box_mask((32, 32), 8, 8, 8, 8)
   edited = pipe.edit(images, mask, [3, 7], seed=1, num_iter=6, start_iter=2)
@@ -140,11 +140,11 @@ def test_edit_regenerates_only_the_box(pipe, reference):
 
 
 def test_token_mask_and_outpainting_canvas(pipe):
-  from maskgit_jax.pipeline import box_mask, extend_canvas
-  cells = pipe.token_mask(box_mask((32, 32), 4, 4, 2, 2)[None])
+  from maskgit_jax.editing import box_mask, extend_canvas
+  cells = pipe.token_mask(box_mask((32, 32), 4, 4, 2, 2)[None], dilate=0)
   assert cells.sum() == 1 and cells[0, 1, 1]
-  assert pipe.token_mask(box_mask((32, 32), 4, 4, 2, 2)[None],
-                         dilate=1).sum() == 9
+  # By default edit grows the box by one token each way, as the demo does.
+  assert pipe.token_mask(box_mask((32, 32), 4, 4, 2, 2)[None]).sum() == 9
   images = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)
   canvas, mask = extend_canvas(images, 8, "right")
   np.testing.assert_array_equal(canvas[:, :, :24], images[:, :, 8:])
@@ -156,25 +156,31 @@ def test_token_mask_and_outpainting_canvas(pipe):
 
 def test_classifier_free_guidance(pipe, reference):
   import jax.numpy as jnp
-  from maskgit_jax.pipeline import guided_logits, guidance_at
+  from maskgit_jax import pipeline
+  from maskgit_jax import sampling
   tokens = jnp.asarray(reference["tokens"])
   apply = lambda t: pipe.transformer.apply(
       {"params": pipe.transformer_params}, t)[..., :CODEBOOK]
   cond, uncond = apply(tokens), apply(tokens.at[:, 0].set(-1))
-  guided = guided_logits(pipe.transformer, pipe.transformer_params, tokens,
-                         2.0)
+  logits_fn = lambda t: pipeline.image_logits(
+      pipe.transformer, pipe.transformer_params, t)
+  guided = sampling.guided(logits_fn, 2.0, "constant", 4)(tokens, jnp.int32(0))
   np.testing.assert_allclose(guided, cond + 2.0 * (cond - uncond),
                              rtol=1e-5, atol=1e-5)
-  steps = jnp.arange(4)
-  np.testing.assert_allclose(guidance_at(2.0, "linear", steps, 4),
-                             [0.5, 1.0, 1.5, 2.0])
-  np.testing.assert_allclose(guidance_at(2.0, "cosine", steps, 4)[-1], 2.0)
-  constant = pipe.generate([1, 2], seed=0, num_iter=4, guidance_scale=3.0)
-  rising = pipe.generate([1, 2], seed=0, num_iter=4, guidance_scale=3.0,
-                         guidance_schedule="linear")
+  # The released weights have no unconditional model: guidance is refused.
+  assert not pipe.has_unconditional
+  with pytest.raises(ValueError, match="label dropout"):
+    pipe.generate([1, 2], num_iter=4, guidance_scale=3.0)
+  # The same weights declared unconditional run both schedules.
+  declared = Pipeline(pipe.tokenizer, pipe.tokenizer_params, pipe.transformer,
+                      pipe.transformer_params, token_shape=pipe.token_shape,
+                      has_unconditional=True)
+  constant = declared.generate([1, 2], seed=0, num_iter=4, guidance_scale=3.0)
+  rising = declared.generate([1, 2], seed=0, num_iter=4, guidance_scale=3.0,
+                             guidance_schedule="linear")
   assert constant.shape == rising.shape
   with pytest.raises(ValueError, match="guidance_schedule"):
-    pipe.generate([1], guidance_scale=1.0, guidance_schedule="step")
+    declared.generate([1], guidance_scale=1.0, guidance_schedule="step")
 
 
 def test_imported_workdirs_evaluate_and_fine_tune(tmp_path):
@@ -182,7 +188,7 @@ def test_imported_workdirs_evaluate_and_fine_tune(tmp_path):
   import gzip
   from maskgit_jax.tools import import_official
   from maskgit_jax.train import jobs
-  from maskgit_jax.train import restore
+  from maskgit_jax import workdir as workdir_lib
   k_dir, t_dir = import_official.import_official(
       TOKENIZER, TRANSFORMER, str(tmp_path / "official"))
   source_dir = tmp_path / "idx"
@@ -197,7 +203,7 @@ def test_imported_workdirs_evaluate_and_fine_tune(tmp_path):
       with gzip.open(source_dir / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
         f.write(header + array.tobytes())
 
-  k_config = restore.load_config(k_dir)
+  k_config = workdir_lib.Workdir(k_dir).load_config()
   k_config.data.update(name="fashion_mnist", source_dir=str(source_dir),
                        data_dir=str(tmp_path / "tfds"), eval_split="test",
                        image_size=32)
@@ -206,7 +212,7 @@ def test_imported_workdirs_evaluate_and_fine_tune(tmp_path):
   assert np.isfinite(scalars["psnr"])
   jobs.run("tokenize", k_config, k_dir)
 
-  t_config = restore.load_config(t_dir)
+  t_config = workdir_lib.Workdir(t_dir).load_config()
   t_config.update(batch_size=8, num_train_steps=2, log_every_steps=1,
                   checkpoint_every_steps=2, eval_every_steps=2)
   jobs.run("train", t_config, t_dir)

@@ -19,10 +19,10 @@ from absl import app
 from absl import flags
 import jax
 
-from maskgit_jax import checkpoints
 from maskgit_jax import config_base
 from maskgit_jax import official
-from maskgit_jax.train import jobs
+from maskgit_jax import workdir as workdir_lib
+from maskgit_jax.models import build
 from maskgit_jax.train import tokenizer_stage
 from maskgit_jax.train import transformer_stage
 
@@ -59,8 +59,7 @@ def transformer_config(model, tokenizer_workdir: str):
 
 
 def save_step0(workdir: str, state) -> None:
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  async_save=False)
+  ckpt = workdir_lib.Workdir(workdir).checkpointer(async_save=False)
   try:
     ckpt.save(0, state, force=True)
   finally:
@@ -80,23 +79,23 @@ def import_official(tokenizer_path: str, transformer_path: str,
   k_config = tokenizer_config(k_model, side * k_model.downsample_factor)
   t_config = transformer_config(t_model, k_dir)
 
-  model = tokenizer_stage.build_tokenizer(k_config)
-  disc = tokenizer_stage.build_discriminator(k_config)
+  model = build.tokenizer(k_config)
+  disc = build.discriminator(k_config)
   state = tokenizer_stage.init_state(
       k_config, model, disc, tokenizer_stage.build_optimizers(k_config),
       jax.random.key(k_config.seed))
   state["generator"] = state["generator"].replace(params=k_params,
                                                   ema_params=k_params)
-  jobs.write_config(k_config, k_dir)
+  workdir_lib.Workdir(k_dir).write_config(k_config)
   save_step0(k_dir, state)
 
-  model = transformer_stage.build_model(t_config, t_model.codebook_size,
-                                        t_model.num_tokens)
+  model = build.transformer(t_config, t_model.codebook_size,
+                            t_model.num_tokens)
   state = transformer_stage.init_state(
       model, transformer_stage.build_optimizer(t_config),
       jax.random.key(t_config.seed))
   state = state.replace(params=t_params, ema_params=t_params)
-  jobs.write_config(t_config, t_dir)
+  workdir_lib.Workdir(t_dir).write_config(t_config)
   save_step0(t_dir, state)
   return k_dir, t_dir
 

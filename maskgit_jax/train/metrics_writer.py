@@ -12,20 +12,22 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from maskgit_jax import workdir as workdir_lib
+
 
 class MetricsWriter:
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: workdir_lib.Workdir):
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    workdir.path.mkdir(parents=True, exist_ok=True)
+    self._jsonl = workdir.metrics_file.open("a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.fspath(workdir.tensorboard))
     except ImportError:  # Optional: the JSON-lines file is always written.
       self._tb = None
 

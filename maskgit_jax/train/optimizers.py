@@ -25,13 +25,29 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict,
        optax.constant_schedule(opt.learning_rate)], [warmup])
 
 
-def decay_mask(params):
-  """Weight decay on matrices and convolution kernels only.
+# Leaves that weight decay shrinks, by their role (the name flax gives them):
+# dense and convolution kernels (`kernel`, and the attention's fused
+# `qkv_kernel` / `out_kernel`) and the transformer's embedding tables.
+# Everything else is left alone: biases of any shape (the fused QKV bias is
+# [3, heads, head_dim]), norm scales and the VQ codebook.
+DECAYED_EMBEDDINGS = ("token_embedding", "position_embedding")
 
-  Biases, LayerNorm/GroupNorm scales and the codebook-free 1-D parameters
-  are not decayed (the usual BERT practice).
-  """
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+def is_decayed(name: str) -> bool:
+  """Whether the parameter called `name` is a matrix or kernel to decay."""
+  return name == "kernel" or name.endswith("_kernel") or (
+      name in DECAYED_EMBEDDINGS)
+
+
+def decay_mask(params):
+  """True on the leaves weight decay applies to (see `is_decayed`); the
+  usual BERT practice, decided by name rather than by number of dims."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: is_decayed(_leaf_name(path[-1])), params)
+
+
+def _leaf_name(key) -> str:
+  return str(getattr(key, "key", getattr(key, "name", key)))
 
 
 def create_optimizer(opt: ml_collections.ConfigDict,

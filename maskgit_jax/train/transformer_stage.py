@@ -7,6 +7,7 @@ fraction of examples, which trains the unconditional model that
 classifier-free guidance needs.
 """
 
+import os
 from typing import Dict, Tuple
 
 import jax
@@ -16,30 +17,40 @@ import optax
 
 from maskgit_jax import losses
 from maskgit_jax import masking
+from maskgit_jax import schedules
+from maskgit_jax import workdir as workdir_lib
+from maskgit_jax.data import tokens as tokens_lib
+from maskgit_jax.models import build
 from maskgit_jax.models import transformer as transformer_lib
+from maskgit_jax.train import images as images_lib
+from maskgit_jax.train import loop
 from maskgit_jax.train import optimizers
 from maskgit_jax.train import state as state_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Stage-2 checks, before anything is compiled."""
+  schedules.validate(config.mask_schedule)
+  if not config.tokenizer_workdir:
+    raise ValueError("config.tokenizer_workdir is empty: name the workdir "
+                     "of a trained tokenizer.")
+  if not 0.0 <= config.label_dropout < 1.0:
+    raise ValueError(f"config.label_dropout={config.label_dropout}; valid: "
+                     "[0, 1).")
+  check_guidance(config, workdir_lib.has_unconditional(config))
 
 
-def compute_dtype(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"Unknown dtype {name!r}; valid: {sorted(DTYPES)}.")
-  return DTYPES[name]
-
-
-def build_model(config: ml_collections.ConfigDict, codebook_size: int,
-                num_tokens: int) -> transformer_lib.MaskGITTransformer:
-  t = config.transformer
-  return transformer_lib.MaskGITTransformer(
-      codebook_size=codebook_size, num_classes=config.num_classes,
-      num_tokens=num_tokens, hidden_size=t.hidden_size,
-      num_layers=t.num_layers, num_heads=t.num_heads, mlp_dim=t.mlp_dim,
-      dropout_rate=t.dropout_rate,
-      attention_dropout_rate=t.attention_dropout_rate,
-      dtype=compute_dtype(config.dtype))
-
+def check_guidance(config: ml_collections.ConfigDict,
+                   has_unconditional: bool) -> None:
+  """Classifier-free guidance needs a model trained with label dropout."""
+  scale = config.sampling.guidance_scale
+  if scale > 0 and not has_unconditional:
+    raise ValueError(
+        f"config.sampling.guidance_scale={scale} needs a transformer trained "
+        "with label dropout (an unconditional model), and this run has none "
+        "(config.label_dropout=0, or imported official weights). Train or "
+        "fine-tune with --config.label_dropout=0.1, or sample with "
+        "--config.sampling.guidance_scale=0.")
 
 def build_optimizer(config: ml_collections.ConfigDict):
   return optimizers.create_optimizer(config.optimizer, config.num_train_steps)
@@ -105,3 +116,60 @@ def train_step(config: ml_collections.ConfigDict,
       "skipped_updates": skipped,
   }
   return new_state, metrics
+
+
+def tokenize_command(config: ml_collections.ConfigDict) -> str:
+  return (f"python -m maskgit_jax.main --config=<tokenizer config> "
+          f"--workdir={config.tokenizer_workdir} --mode=tokenize")
+
+
+def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
+  """The transformer's modules, step, token data and sample grids."""
+  validate(config)
+  run = workdir_lib.Workdir(workdir)
+  token_dir = os.fspath(workdir_lib.Workdir(config.tokenizer_workdir)
+                        .token_cache)
+  hint = f"Write it with: {tokenize_command(config)}"
+  source = tokens_lib.TokenSource(token_dir, missing_hint=hint)
+  meta = source.metadata
+  codebook_size = int(meta["codebook_size"])
+  if "num_classes" in meta and int(meta["num_classes"]) > config.num_classes:
+    raise ValueError(f"The token dataset has {meta['num_classes']} classes but "
+                     f"config.num_classes={config.num_classes}.")
+  height, width = source.token_shape
+  model = build.transformer(config, codebook_size, height * width)
+  tx = build_optimizer(config)
+
+  def sample_grid(state, step):
+    from maskgit_jax.pipeline import Pipeline  # Inference side, float32.
+    tokenizer_run = workdir_lib.Workdir(config.tokenizer_workdir)
+    _, tokenizer, k_params = tokenizer_run.load_tokenizer()
+    pipe = Pipeline(tokenizer, k_params,
+                    build.transformer(config, codebook_size, height * width,
+                                      dtype="float32"),
+                    jax.device_get(state.ema_params),
+                    token_shape=(height, width),
+                    mask_schedule=config.mask_schedule,
+                    has_unconditional=workdir_lib.has_unconditional(config))
+    return images_lib.sample_grid(
+        pipe, config, str(run.images / f"samples_{step:08d}.png"))
+
+  return loop.Stage(
+      init_state=lambda rng: init_state(model, tx, rng),
+      train_step=lambda state, batch, _: train_step(config, model, tx, state,
+                                                    batch),
+      make_iterator=lambda: tokens_lib.make_token_iterator(
+          token_dir, global_batch_size=config.batch_size, seed=config.seed,
+          missing_hint=hint),
+      evaluate=sample_grid)
+
+
+# ------------------------------------------------------------------ modes
+
+def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=sample (and eval, for now): a class grid from the EMA weights."""
+  from maskgit_jax.pipeline import Pipeline
+  pipe = Pipeline.from_workdirs(config.tokenizer_workdir, workdir)
+  path = str(workdir_lib.Workdir(workdir).images / "samples.png")
+  images_lib.sample_grid(pipe, config, path)
+  return path
