@@ -8,17 +8,26 @@ never mistaken for a checkpoint. Only the newest `keep` are kept, and an
 older one is deleted only after a newer one is committed. A save that fails
 for lack of space therefore leaves every committed checkpoint as it was;
 the loop removes the unfinished folder and says so.
+
+Restoring sets a checkpoint aside only on evidence of damage (`is_damage`);
+any other failure stops the run naming the checkpoint and the cause, and in
+a job of several processes all of them agree on the verdict first.
 """
 
 import errno
+import json
 import logging
 import os
+import re
 import shutil
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
+from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data"
@@ -47,9 +56,162 @@ def shape_mismatches(stored: Any, wanted: Any) -> list:
           if name in stored and stored[name] != shape]
 
 
-def _is_data_mismatch(error: BaseException) -> bool:
-  """grain refuses a saved position that belongs to another dataset."""
-  return "DataSource in checkpoint does not match" in str(error)
+# grain's DataLoader refuses a saved position of another data source,
+# sampler (record count, shuffle seed, shard) or worker count with these.
+_DATA_MISMATCH = re.compile(
+    r"(DataSource|Sampler|Worker count) in checkpoint does not match")
+
+
+def _data_mismatch(error: BaseException) -> Optional[str]:
+  """grain's own words when it refuses a saved data position that belongs
+  to another dataset or data order (else None)."""
+  for link in _chain(error):
+    if _DATA_MISMATCH.search(str(link)):
+      return " ".join(str(link).split("\n")[:3])
+  return None
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint could not be restored for a reason other than damage
+  (memory, an I/O timeout, an object-store error, a sharding or programming
+  error). Nothing was moved: fix the cause and re-run."""
+
+
+class UnrestorableCheckpointsError(RuntimeError):
+  """Checkpoints exist but every one is damaged: never a silent restart from
+  step 0. The message lists each checkpoint and why it failed."""
+
+
+def _chain(error: Optional[BaseException]) -> List[BaseException]:
+  """`error` and the exceptions behind it (cause or context), in order."""
+  links, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    links.append(error)
+    error = error.__cause__ or error.__context__
+  return links
+
+
+def _short(text: str, limit: int = 400) -> str:
+  """An error message cut to `limit` characters, keeping its head (a
+  tensorstore status code) and its tail (the innermost cause); tensorstore
+  also appends its whole spec as JSON, which is dropped."""
+  text = re.split(r" \[tensorstore_spec(\[\d+\])?=", text)[0].strip()
+  if len(text) <= limit:
+    return text
+  head = limit // 3
+  return f"{text[:head]} ... {text[len(text) - (limit - head):]}"
+
+
+# Errors that say nothing about the stored bytes: never damage, whatever
+# else is true (a re-run after fixing them tells damage apart).
+_NEVER_DAMAGE = (MemoryError, TimeoutError, ConnectionError, InterruptedError,
+                 PermissionError)
+# tensorstore reports errors with an absl status code leading the message.
+_TRANSIENT_STATUS = re.compile(
+    r"^(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED|"
+    r"PERMISSION_DENIED|UNAUTHENTICATED):")
+_DAMAGE_STATUS = (
+    # Checksum or decode failure of stored bytes (e.g. a truncated OCDBT
+    # manifest: "Length in header (113) does not match actual length").
+    re.compile(r"^DATA_LOSS:"),
+    # A stored file or array that is gone ("... does not exist").
+    re.compile(r"^NOT_FOUND:"),
+    # A truncated data file: "Requested byte range [0, 498) is not valid for
+    # value of size 249" (other OUT_OF_RANGE errors are index errors).
+    re.compile(r"^OUT_OF_RANGE:.*byte range", re.S),
+    # Unreadable JSON metadata read through tensorstore (e.g. _sharding).
+    re.compile(r"^FAILED_PRECONDITION:.*Invalid JSON", re.S),
+)
+
+
+def _damaged_files(checkpoint_dir: str,
+                   items: Sequence[str]) -> Optional[str]:
+  """What is missing or empty on disk in a checkpoint folder, if anything:
+  the files orbax and grain always write (state/_METADATA, the OCDBT
+  manifest, this process's data position) and any empty stored file."""
+  root = epath.Path(checkpoint_dir)
+  state = root / STATE
+  if not state.exists():
+    return f"{STATE}/ is missing"
+  wanted = [state / "_METADATA"]
+  if (state / "d").exists():  # OCDBT layout: the manifest indexes d/.
+    wanted.append(state / "manifest.ocdbt")
+  data = root / DATA
+  if DATA in items and data.exists():
+    wanted.append(data / _data_file_name())
+  for path in wanted:
+    if not path.exists():
+      return f"{os.fspath(path.relative_to(root))} is missing"
+  for path in [*wanted, *sorted((state / "d").glob("*"))]:
+    if path.exists() and not path.is_dir() and path.stat().length == 0:
+      return f"{os.fspath(path.relative_to(root))} is empty"
+  return None
+
+
+def is_damage(error: BaseException, checkpoint_dir: str,
+              items: Sequence[str] = (STATE, DATA)) -> Optional[str]:
+  """Why `error`, raised while restoring `items` of `checkpoint_dir`, shows
+  the stored checkpoint is damaged; None when it shows nothing of the kind.
+
+  Only evidence counts, because a checkpoint judged damaged is set aside and
+  training walks back to an older one:
+    - never damage: MemoryError, TimeoutError (OSError ETIMEDOUT),
+      ConnectionError, PermissionError, or a tensorstore UNAVAILABLE,
+      DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ... status;
+    - damage: a file orbax or grain always writes is missing or empty on
+      disk (state/, state/_METADATA, state/manifest.ocdbt, this process's
+      data/process_<i>-of-<n>.json, a file under state/d/);
+    - damage: a tensorstore DATA_LOSS (checksum or decode failure), NOT_FOUND
+      (a missing stored file), OUT_OF_RANGE on a byte range (a truncated
+      file) or FAILED_PRECONDITION "Invalid JSON" status;
+    - damage: stored JSON that does not parse (json.JSONDecodeError: a
+      truncated _METADATA or data position), or a FileNotFoundError for a
+      file inside the checkpoint.
+  Everything else (a sharding, shape or programming error) is not damage.
+  """
+  links = _chain(error)
+  for link in links:
+    if isinstance(link, _NEVER_DAMAGE) or _TRANSIENT_STATUS.match(str(link)):
+      return None
+  on_disk = _damaged_files(checkpoint_dir, items)
+  if on_disk:
+    return on_disk
+  inside = os.path.abspath(os.fspath(checkpoint_dir))
+  for link in links:
+    text = str(link)
+    if any(pattern.match(text) for pattern in _DAMAGE_STATUS):
+      return _short(text)
+    if isinstance(link, json.JSONDecodeError):
+      return f"unreadable JSON metadata ({link})"
+    if (isinstance(link, FileNotFoundError) and link.filename and
+        os.path.abspath(os.fspath(link.filename)).startswith(inside)):
+      return f"{link.filename} is missing"
+  return None
+
+
+def _data_file_name() -> str:
+  """grain's name for this process's saved data position."""
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+# Per-process restore verdicts, gathered so that all processes act alike.
+OK, DAMAGED, INCOMPATIBLE, FAILED = 0, 1, 2, 3
+_REASON_BYTES = 512
+
+
+def agree(verdict: int, reason: str = "") -> List[Tuple[int, str]]:
+  """Every process's (verdict, reason) for the same checkpoint, in process
+  order: a collective, so each process must call it once per checkpoint
+  tried. With one process it is that process's own."""
+  encoded = reason.encode("utf-8")[:_REASON_BYTES]
+  row = np.zeros((_REASON_BYTES + 2,), np.int32)
+  row[0], row[1] = verdict, len(encoded)
+  row[2:2 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(row)).reshape(
+      -1, _REASON_BYTES + 2)
+  return [(int(r[0]), bytes(r[2:2 + r[1]].astype(np.uint8)).decode(
+      "utf-8", "replace")) for r in rows]
 
 
 class DiskFullError(RuntimeError):
@@ -117,16 +279,22 @@ _KEEP_ADVICE = ("The checkpoints are left as they are. Resume with the config "
 
 class Checkpointer:
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               damaged_directory: Optional[str] = None):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     self.directory = directory
+    # Where unreadable checkpoints are moved (the workdir names it).
+    self.damaged_directory = damaged_directory
+    # The PyTree handler (what StandardCheckpointHandler wraps, same files)
+    # can also restore a part of the state, e.g. only the EMA weights.
+    self._handlers = {STATE: ocp.PyTreeCheckpointHandler(),
+                      DATA: grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(
         directory,
         options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA: grain.checkpoint.CheckpointHandler()})
+        item_handlers=self._handlers)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -136,7 +304,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: Any = None,
            force: bool = False) -> bool:
-    items = {STATE: ocp.args.StandardSave(state)}
+    items = {STATE: ocp.args.PyTreeSave(state)}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**items),
@@ -144,43 +312,138 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, data_iterator: Any = None,
               step: Optional[int] = None,
-              set_aside_damaged: bool = False) -> Tuple[Optional[int], Any]:
+              set_aside_damaged: bool = False,
+              partial: bool = False,
+              start_fresh_if_unrestorable: bool = False,
+              ) -> Tuple[Optional[int], Any]:
     """Restores the newest readable checkpoint (or `step`).
 
-    A checkpoint that fails to load (damaged or missing files) is reported by
-    a warning naming it, and the next older one is tried. A readable one
-    written for another config raises IncompatibleCheckpointError and
-    nothing is moved. Returns (step, state), or (None, None) when there is
-    nothing to restore.
-    With `set_aside_damaged` (training), an unreadable checkpoint is moved to
-    `<directory>_damaged/` so that its step can be written again.
+    A damaged checkpoint (`is_damage`: files missing or truncated, metadata
+    unreadable, stored bytes failing their checksum) is reported by a warning
+    naming it, and the next older one is tried. Any other failure raises
+    CheckpointRestoreError naming the checkpoint and the cause. A readable
+    checkpoint written for another config raises
+    IncompatibleCheckpointError. With several processes, all of them agree
+    on each verdict before acting on it. When checkpoints exist but every
+    one is damaged, UnrestorableCheckpointsError lists them. In all these
+    errors nothing is moved.
+    Returns (step, state), or (None, None) when there is nothing to restore
+    (or, with `start_fresh_if_unrestorable`, when nothing could be).
+    With `set_aside_damaged` (training), once an older checkpoint restored,
+    process 0 moves the damaged newer ones to `damaged_directory` so that
+    their steps can be written again; with `start_fresh_if_unrestorable`
+    too, all damaged ones are moved and training starts from step 0 (orbax
+    refuses to save a step that exists). With `partial`, `abstract_state`
+    may name a part of the stored tree (e.g. {"ema_params": ...}) and only
+    that part is read.
     """
     steps = [step] if step is not None else self.all_steps()[::-1]
+    damaged = []  # (step, reason), newest first
+    # A failed attempt may have moved the iterator already (items are read
+    # in turn); a fresh start must begin where the iterator began.
+    initial_position = (data_iterator.get_state()
+                        if data_iterator is not None and steps else None)
     for candidate in steps:
-      self._check_compatible(candidate, abstract_state)
-      items = {STATE: ocp.args.StandardRestore(abstract_state)}
+      self._check_compatible(candidate, abstract_state,
+                             with_data=data_iterator is not None)
+      items = {STATE: ocp.args.PyTreeRestore(
+          item=abstract_state, partial_restore=partial,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(
+              abstract_state))}
       # Imported weights (tools/import_official) carry no data position:
       # such a run starts its data from the beginning.
       if data_iterator is not None and self._has_data(candidate):
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+      error, restored = None, None
       try:
-        restored = self.manager.restore(candidate,
-                                        args=ocp.args.Composite(**items))
-      except Exception as error:  # pylint: disable=broad-except
-        if _is_data_mismatch(error):
-          raise IncompatibleCheckpointError(
-              f"Checkpoint {self.directory}/{candidate} holds a data position "
-              f"in another dataset ({error}). {_KEEP_ADVICE}") from error
-        logging.warning("Checkpoint %s/%d could not be restored (%s: %s); "
-                        "trying an older one.", self.directory, candidate,
-                        type(error).__name__, error)
+        restored = self._restore_items(candidate, items)
+      except Exception as caught:  # pylint: disable=broad-except
+        error = caught
+      verdict, reason = self._verdict(candidate, error, tuple(items))
+      reason = self._act_on(candidate, agree(verdict, reason), error)
+      if reason is None:
         if set_aside_damaged:
-          self._set_aside(candidate)
-        continue
-      return candidate, restored[STATE]
-    return None, None
+          self._set_aside([s for s, _ in damaged])
+        return candidate, restored[STATE]
+      logging.warning("Checkpoint %s/%d could not be restored (%s); trying "
+                      "an older one.", self.directory, candidate, reason)
+      damaged.append((candidate, reason))
+    if not damaged:
+      return None, None
+    listing = "\n".join(f"  {self.directory}/{s}: {r}" for s, r in damaged)
+    if start_fresh_if_unrestorable:
+      logging.warning("No checkpoint in %s can be restored:\n%s\nStarting "
+                      "from step 0 (start_fresh_if_unrestorable).",
+                      self.directory, listing)
+      if set_aside_damaged:
+        self._set_aside([s for s, _ in damaged])
+      if initial_position is not None:
+        data_iterator.set_state(initial_position)
+      return None, None
+    raise UnrestorableCheckpointsError(
+        f"None of the {len(damaged)} checkpoint(s) in {self.directory} can "
+        f"be restored:\n{listing}\nNothing was moved. Restore them from a "
+        "backup, start a new --workdir, or set "
+        "--config.start_fresh_if_unrestorable=true to move them to "
+        f"{self.damaged_directory or 'the damaged folder'} and train from "
+        "step 0.")
 
-  def _check_compatible(self, step: int, abstract_state: Any) -> None:
+  def _restore_items(self, step: int, items: dict) -> dict:
+    """{item: restored} of `step`, read by the item handlers themselves.
+
+    What manager.restore does, without its closing barrier of all
+    processes: a process whose read raised would skip that barrier and leave
+    the others in it (or in the next collective). `agree`, which every
+    process reaches, takes its place.
+    """
+    step_dir = epath.Path(self.directory) / str(step)
+    return {name: self._handlers[name].restore(step_dir / name,
+                                               args=items[name])
+            for name in sorted(items)}
+
+  def _verdict(self, step: int, error: Optional[BaseException],
+               items: Sequence[str]) -> Tuple[int, str]:
+    """This process's (verdict, reason) for restoring `step`."""
+    if error is None:
+      return OK, ""
+    mismatch = _data_mismatch(error)
+    if mismatch:
+      return INCOMPATIBLE, mismatch
+    damage = is_damage(error, os.path.join(self.directory, str(step)), items)
+    if damage:
+      return DAMAGED, damage
+    return FAILED, f"{type(error).__name__}: {_short(str(error))}"
+
+  def _act_on(self, step: int, verdicts: List[Tuple[int, str]],
+              error: Optional[BaseException]) -> Optional[str]:
+    """None when every process restored `step`; the damage when the
+    processes agree it is damaged (no other failure anywhere); otherwise
+    raises on every process, naming the process that failed and why."""
+    where = f"{self.directory}/{step}"
+    worst = max(v for v, _ in verdicts)
+    if worst == OK:
+      return None
+    culprit = next(i for i, (v, _) in enumerate(verdicts) if v == worst)
+    reason = verdicts[culprit][1].rstrip(".")
+    by = f" (process {culprit})" if len(verdicts) > 1 else ""
+    if worst == INCOMPATIBLE:
+      raise IncompatibleCheckpointError(
+          f"Checkpoint {where} holds a data position in another dataset or "
+          f"data order{by}: {reason}. {_KEEP_ADVICE}") from error
+    if worst == FAILED:
+      raise CheckpointRestoreError(
+          f"Checkpoint {where} could not be restored{by}: {reason}. This is "
+          "not damage (no missing, truncated or corrupt file was found), so "
+          "nothing was moved; fix the cause and re-run the same command to "
+          "resume.") from error
+    damages = [r for v, r in verdicts if v == DAMAGED]
+    return damages[0] + (f" (on {len(damages)} processes)"
+                         if len(damages) > 1 else "")
+
+  def _check_compatible(self, step: int, abstract_state: Any,
+                        with_data: bool = False) -> None:
+    if with_data:
+      self._check_process_count(step)
     try:
       stored = self.manager.item_metadata(step)[STATE]
     except Exception:  # pylint: disable=broad-except
@@ -191,19 +454,42 @@ class Checkpointer:
           f"Checkpoint {self.directory}/{step} was written for another "
           f"config: {'; '.join(mismatches[:4])}. {_KEEP_ADVICE}")
 
-  def _set_aside(self, step: int) -> None:
-    """Moves an unreadable checkpoint out of the way (never deletes it), so
-    training can write that step again."""
-    source = os.path.join(self.directory, str(step))
-    target_dir = self.directory.rstrip("/") + "_damaged"
-    target = os.path.join(target_dir, f"{step}-{int(time.time())}")
-    if not os.path.isdir(source):
+  def _check_process_count(self, step: int) -> None:
+    """A data position saved by another number of processes is not damage:
+    grain keeps one file per process (process_<i>-of-<n>.json)."""
+    data = epath.Path(self.directory) / str(step) / DATA
+    counts = {match.group(1) for match in (
+        re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name)
+        for path in (data.glob("process_*.json") if data.exists() else []))
+              if match}
+    if counts and str(jax.process_count()) not in counts:
+      raise IncompatibleCheckpointError(
+          f"Checkpoint {self.directory}/{step} holds the data position of "
+          f"{'/'.join(sorted(counts))} processes; this run has "
+          f"{jax.process_count()}. {_KEEP_ADVICE}")
+
+  def _set_aside(self, steps: Sequence[int]) -> None:
+    """Moves damaged checkpoints out of the way (never deletes them), so
+    training can write those steps again: on process 0 only, while the
+    others wait, then every process sees the new listing."""
+    if not steps:
       return
-    os.makedirs(target_dir, exist_ok=True)
-    os.rename(source, target)
+    target_dir = self.damaged_directory
+    if target_dir is None:
+      raise ValueError("Checkpointer(damaged_directory=None) cannot set "
+                       "checkpoints aside; use Workdir.checkpointer().")
+    if jax.process_index() == 0:
+      for step in steps:
+        source = epath.Path(self.directory) / str(step)
+        if not source.is_dir():
+          continue
+        target = epath.Path(target_dir) / f"{step}-{int(time.time())}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        logging.warning("Moved the damaged checkpoint %s to %s.", source,
+                        target)
+    multihost_utils.sync_global_devices("maskgit_jax:set_aside_damaged")
     self.manager.reload()
-    logging.warning("Moved the unreadable checkpoint %s to %s.", source,
-                    target)
 
   def _has_data(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), DATA))

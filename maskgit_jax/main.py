@@ -13,6 +13,7 @@ tokenizer, a sample grid for a transformer).
 """
 
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -41,8 +42,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     jobs.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
-  except checkpoints.DiskFullError as error:
+  except (checkpoints.DiskFullError, checkpoints.IncompatibleCheckpointError,
+          checkpoints.UnrestorableCheckpointsError) as error:
     sys.exit(f"Error: {error}")  # The message says all; skip orbax's trace.
+  except checkpoints.CheckpointRestoreError as error:
+    # Not damage: the cause may be a bug, so its trace is worth showing.
+    traceback.print_exception(error.__cause__ or error, file=sys.stderr)
+    sys.exit(f"Error: {error}")
 
 
 if __name__ == "__main__":

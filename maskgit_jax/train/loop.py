@@ -24,6 +24,7 @@ import tqdm
 
 from maskgit_jax import checkpoints
 from maskgit_jax import parallel
+from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.train import metrics_writer
 
 
@@ -84,12 +85,49 @@ class PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def check_finite(step: int, scalars: Dict[str, float]) -> None:
+def _skipped(metrics: Dict[str, Any]) -> bool:
+  """Whether the step that reported `metrics` dropped its update."""
+  return float(np.asarray(metrics.get("skipped_updates", 0.0))) >= 1.0
+
+
+def check_finite(window: List[Dict[str, Any]], first_step: int,
+                 skip: bool = False) -> None:
+  """Raises NonFiniteLossError naming the first step of `window` (one entry
+  per step, the first being `first_step`) with a non-finite scalar metric.
+
+  With `skip` (on_nonfinite="skip"), steps that dropped their update are
+  left out: their metrics are those of the update that never happened.
+  """
+  for offset, metrics in enumerate(window):
+    if skip and _skipped(metrics):
+      continue
+    bad = {k: float(v) for k, v in metrics.items()
+           if np.ndim(v) == 0 and not math.isfinite(float(v))}
+    if bad:
+      raise NonFiniteLossError(
+          f"Non-finite metrics at step {first_step + offset}: {bad}. The last "
+          "good checkpoint is kept; lower the learning rate or set "
+          "--config.on_nonfinite=skip.")
+
+
+def summarize_window(window: List[Dict[str, Any]], first_step: int,
+                     summarize: Callable[[List[Dict[str, Any]]],
+                                         Dict[str, float]],
+                     skip: bool = False) -> Dict[str, float]:
+  """The logged scalars of a window of per-step host metrics, after
+  `check_finite`. With `skip`, dropped steps are left out of the averages
+  and `skipped_updates` is how many of the window's steps were dropped."""
+  check_finite(window, first_step, skip)
+  kept = [m for m in window if not (skip and _skipped(m))]
+  scalars = summarize(kept) if kept else {}
+  if skip:
+    scalars["skipped_updates"] = float(len(window) - len(kept))
   bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
-  if bad:
+  if bad:  # A stage's own summary of finite steps, e.g. a perplexity.
     raise NonFiniteLossError(
-        f"Non-finite metrics at step {step}: {bad}. The last good checkpoint "
-        "is kept; lower the learning rate or set --config.on_nonfinite=skip.")
+        f"Non-finite summary of steps {first_step}-"
+        f"{first_step + len(window) - 1}: {bad}.")
+  return scalars
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -105,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except Exception as error:  # pylint: disable=broad-except
     if checkpoints.disk_full_cause(error) is None:
       raise
-    directory = os.path.join(workdir, "checkpoints")
+    directory = os.fspath(workdir_lib.Workdir(workdir).checkpoints)
     removed = checkpoints.remove_unfinished_saves(directory)
     raise checkpoints.disk_full_error(directory, error, removed) from error
 
@@ -124,11 +162,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   constants = jax.device_put(stage.constants, parallel.replicated(mesh))
 
   iterator = stage.make_iterator()
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  keep=config.keep_checkpoints)
+  run = workdir_lib.Workdir(workdir)
+  ckpt = run.checkpointer(keep=config.keep_checkpoints)
   restored_step, state = ckpt.restore(
       checkpoints.abstract_like(abstract, state_shardings), iterator,
-      set_aside_damaged=True)
+      set_aside_damaged=True,
+      start_fresh_if_unrestorable=bool(
+          config.get("start_fresh_if_unrestorable", False)))
   if state is None:  # A fresh run: only now pay for initialisation.
     state = jax.jit(stage.init_state, out_shardings=state_shardings)(rng)
     start = 0
@@ -142,8 +182,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                     parallel.replicated(mesh)),
       out_shardings=(state_shardings, parallel.replicated(mesh)),
       donate_argnums=0)
-  writer = metrics_writer.MetricsWriter(workdir)
+  writer = metrics_writer.MetricsWriter(run)
   summarize = stage.summarize or mean_scalars
+  skip = config.on_nonfinite == "skip"
   progress = tqdm.tqdm(total=config.num_train_steps, initial=start,
                        disable=jax.process_index() != 0, unit="step",
                        dynamic_ncols=True, desc=os.path.basename(workdir))
@@ -160,8 +201,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       window.append(metrics)
       progress.update(1)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        scalars = summarize(jax.device_get(window))
-        check_finite(step, scalars)
+        scalars = summarize_window(jax.device_get(window),
+                                   step - len(window) + 1, summarize, skip)
         elapsed = time.perf_counter() - window_start
         scalars["steps_per_second"] = len(window) / max(elapsed, 1e-9)
         writer.write_scalars(step, scalars)
@@ -170,7 +211,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       if (step % config.checkpoint_every_steps == 0 or
           step == config.num_train_steps or preempted.signal):
         if window:  # Never checkpoint a state that came from a bad step.
-          check_finite(step, summarize(jax.device_get(window)))
+          check_finite(jax.device_get(window), step - len(window) + 1, skip)
         ckpt.save(step, state, iterator, force=True)
       if preempted.signal:
         ckpt.wait()
