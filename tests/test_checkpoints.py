@@ -2,7 +2,7 @@
 
 A toy checkpoint is damaged the ways a kill, a full disk or bit rot leave
 one (truncated, emptied, removed or corrupted files), and each must be
-recognised as damage by `checkpoints.is_damage`, with a reason naming the
+recognised as damage by `checkpoint_damage.is_damage`, with a reason naming the
 evidence; errors that say nothing about the stored bytes (memory, timeouts,
 object-store or sharding errors) must not. The verdicts of several
 processes are combined by `Checkpointer._act_on`, tested here with made-up
@@ -18,6 +18,7 @@ import jax
 import pytest
 
 import toy_stage as toy
+from maskgit_jax import checkpoint_damage
 from maskgit_jax import checkpoints
 from maskgit_jax.train import tokenizer_stage
 
@@ -70,7 +71,7 @@ def remove(path):
 
 
 # (damage, path in checkpoint 4, the reason reported): what orbax,
-# tensorstore and grain raise for each is in checkpoints.is_damage.
+# tensorstore and grain raise for each is in checkpoint_damage.is_damage.
 DAMAGE = {
     "truncated-manifest": (truncate, "state/manifest.ocdbt",
                            "DATA_LOSS: .*Error decoding manifest"),
@@ -131,7 +132,7 @@ def test_damage_is_recognised_and_falls_back(trained, tmp_path, caplog,
         "deadline", "no-addressable-shards", "index-out-of-range",
         "file-outside-checkpoint", "programming"])
 def test_other_errors_are_not_damage(trained, error):
-  assert checkpoints.is_damage(
+  assert checkpoint_damage.is_damage(
       error, os.path.join(trained, "checkpoints", "4")) is None
 
 
@@ -143,12 +144,12 @@ def test_memory_error_is_not_damage_even_with_a_file_missing(trained,
   checkpoint = str(tmp_path / "4")
   shutil.copytree(os.path.join(trained, "checkpoints", "4"), checkpoint)
   os.remove(os.path.join(checkpoint, "state", "_METADATA"))
-  assert checkpoints.is_damage(ValueError("x"), checkpoint) == (
+  assert checkpoint_damage.is_damage(ValueError("x"), checkpoint) == (
       "state/_METADATA is missing")
   wrapped = ValueError("DATA_LOSS: something")
   wrapped.__cause__ = MemoryError()
-  assert checkpoints.is_damage(wrapped, checkpoint) is None
-  assert checkpoints.is_damage(MemoryError(), checkpoint) is None
+  assert checkpoint_damage.is_damage(wrapped, checkpoint) is None
+  assert checkpoint_damage.is_damage(MemoryError(), checkpoint) is None
 
 
 def test_a_missing_data_position_is_no_damage_when_not_read(trained,
@@ -158,9 +159,9 @@ def test_a_missing_data_position_is_no_damage_when_not_read(trained,
   shutil.copytree(os.path.join(trained, "checkpoints", "4"), checkpoint)
   os.remove(os.path.join(checkpoint, "data", "process_0-of-1.json"))
   error = ValueError("a sharding error")
-  assert checkpoints.is_damage(error, checkpoint) == (
+  assert checkpoint_damage.is_damage(error, checkpoint) == (
       "data/process_0-of-1.json is missing")
-  assert checkpoints.is_damage(error, checkpoint,
+  assert checkpoint_damage.is_damage(error, checkpoint,
                                items=(checkpoints.STATE,)) is None
 
 
