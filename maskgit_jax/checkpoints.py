@@ -286,7 +286,8 @@ class Checkpointer:
         error, os.path.join(self.directory, str(step)), items)
     if damage:
       return DAMAGED, damage
-    return FAILED, f"{type(error).__name__}: {checkpoint_damage.short_message(str(error))}"
+    cause = checkpoint_damage.short_message(str(error))
+    return FAILED, f"{type(error).__name__}: {cause}"
 
   def _act_on(self, step: int, verdicts: List[Tuple[int, str]],
               error: Optional[BaseException]) -> Optional[str]:
