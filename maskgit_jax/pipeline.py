@@ -336,7 +336,10 @@ class Pipeline:
                          start_iter=start_iter)
 
   def _sample(self, options: DecodeOptions, inputs: np.ndarray, seed: int,
-              knobs: Tuple[float, float, float]) -> np.ndarray:
+              knobs: Tuple[float, float, float],
+              sharding: Optional[jax.sharding.Sharding] = None) -> np.ndarray:
+    if sharding is not None:  # The batch split over devices (evaluation).
+      inputs = jax.device_put(inputs, sharding)
     return np.asarray(sample_images(
         options, self.transformer_params, self.tokenizer_params, inputs,
         jax.random.key(seed), *(jnp.float32(k) for k in knobs)))
@@ -344,13 +347,16 @@ class Pipeline:
   def generate(self, class_ids, seed: int = 0, num_iter: int = 8,
                choice_temperature: float = 4.5, guidance_scale: float = 0.0,
                temperature: float = 1.0, schedule: Optional[str] = None,
-               guidance_schedule: str = "constant") -> np.ndarray:
+               guidance_schedule: str = "constant",
+               sharding: Optional[jax.sharding.Sharding] = None
+               ) -> np.ndarray:
     """Class-conditional samples: uint8 images [B, H, W, C].
 
     guidance_scale > 0 applies classifier-free guidance (it needs
     `has_unconditional`), at that scale throughout
     (`guidance_schedule="constant"`) or rising to it over the iterations
-    ("linear", "cosine").
+    ("linear", "cosine"). `sharding` (e.g. a NamedSharding over a batch
+    axis) splits the batch over devices; the images are the same.
     """
     knobs = _knobs(choice_temperature, guidance_scale, temperature)
     options = self._options(num_iter, schedule or self.mask_schedule,
@@ -360,7 +366,7 @@ class Pipeline:
     inputs = np.full((classes.size, 1 + self.transformer.num_tokens), MASK,
                      np.int32)
     inputs[:, 0] = classes
-    return self._sample(options, inputs, seed, knobs)
+    return self._sample(options, inputs, seed, knobs, sharding)
 
   # --- editing --------------------------------------------------------------
 

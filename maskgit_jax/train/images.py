@@ -43,11 +43,17 @@ def save_pairs(originals: np.ndarray, reconstructions: np.ndarray,
 
 
 def sample_grid(pipe, config, path: str) -> dict:
-  """One row per class, `sampling.samples_per_class` samples in each."""
+  """One row per class, `sampling.samples_per_class` samples in each,
+  generated in batches of `eval_batch_size` (an ImageNet grid of 1,000
+  classes never sits in one call)."""
+  from maskgit_jax.evaluation import generation
   s = config.sampling
   classes = np.repeat(np.arange(pipe.num_classes), s.samples_per_class)
-  images = pipe.generate(classes, seed=config.seed, num_iter=s.num_iter,
-                         choice_temperature=s.choice_temperature,
-                         guidance_scale=s.guidance_scale)
+  batches = generation.generate_in_batches(
+      pipe, classes, batch_size=min(config.eval_batch_size, len(classes)),
+      seed=config.seed, sampling=dict(
+          num_iter=s.num_iter, choice_temperature=s.choice_temperature,
+          guidance_scale=s.guidance_scale))
+  images = np.concatenate([images for images, _ in batches])
   save_png(grid(images, rows=pipe.num_classes), path)
   return {}
