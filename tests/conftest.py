@@ -2,10 +2,79 @@
 
 XLA reads the flag when jax starts, so it must be set before any test module
 imports jax. Unsharded computations still run on one device.
+
+The tests' programs are tiny and mostly compiled to run a few times, so
+compiling dominates: XLA:CPU's backend optimisation level 1 (LLVM -O1, not
+the default -O3) compiles markedly faster and runs about as fast (-O0
+compiles faster still but runs ten times slower). The HLO passes are the
+same. Set --xla_backend_optimization_level in XLA_FLAGS to override it;
+`helpers.run_main` passes it on to the entry point's processes.
+
+Below that, the session's shared trained workdirs: each stage is trained
+once, end to end through `python -m maskgit_jax.main` on its tiny config,
+and every test that only reads a trained run uses these.
 """
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import types  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def data_dirs(tmp_path_factory):
+  """(source_dir, data_dir): the tiny idx dataset and a TFDS folder."""
+  root = str(tmp_path_factory.mktemp("idx"))
+  helpers.write_garments(root)
+  return root, str(tmp_path_factory.mktemp("tfds"))
+
+
+def _main(*args):
+  result = helpers.run_main(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(data_dirs, tmp_path_factory):
+  """The tokenizer's end-to-end run: `main` trains the tiny config (every
+  loss term, LPIPS and the GAN included) for 4 steps, then `--mode=tokenize`
+  writes its token cache. (workdir, train and tokenize CompletedProcess)."""
+  workdir = str(tmp_path_factory.mktemp("vqgan"))
+  args = [f"--config={helpers.TOKENIZER_CONFIG}", f"--workdir={workdir}",
+          f"--config.data.source_dir={data_dirs[0]}",
+          f"--config.data.data_dir={data_dirs[1]}"]
+  train = _main(*args)
+  tokenize = _main(*args, "--mode=tokenize")
+  return types.SimpleNamespace(workdir=workdir, train=train,
+                               tokenize=tokenize)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_workdir(tokenizer_run):
+  return tokenizer_run.workdir
+
+
+@pytest.fixture(scope="session")
+def transformer_run(tokenizer_workdir, tmp_path_factory):
+  """The transformer's end-to-end run: `main` trains the tiny config for 4
+  steps on the tokenizer run's cache (a sample grid at step 4)."""
+  workdir = str(tmp_path_factory.mktemp("maskgit"))
+  train = _main(f"--config={helpers.TRANSFORMER_CONFIG}",
+                f"--workdir={workdir}",
+                f"--config.tokenizer_workdir={tokenizer_workdir}")
+  return types.SimpleNamespace(workdir=workdir, train=train)
+
+
+@pytest.fixture(scope="session")
+def transformer_workdir(transformer_run):
+  return transformer_run.workdir

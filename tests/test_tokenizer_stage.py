@@ -1,0 +1,163 @@
+"""Stage 1, the VQGAN tokenizer: its train step (it learns; when the
+discriminator plays; one device or eight), how code usage is counted, and
+the token cache `--mode=tokenize` writes.
+
+The step tests share one run: 50 steps of one jitted, single-device GAN step
+on a fixed batch (compiled once), the discriminator starting at step 3.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import NUM_TRAIN, garment_batch, garments, load_config
+from maskgit_jax import parallel
+from maskgit_jax import workdir as workdir_lib
+from maskgit_jax.data import tokens as tokens_lib
+from maskgit_jax.models import build
+from maskgit_jax.train import tokenizer_stage
+
+START = 3    # the discriminator's first step
+STEPS = 50   # of the shared run
+
+
+def gan_config(start_step: int = START):
+  config = load_config("vqgan_fashion_mnist")
+  config.losses.update(discriminator_start_step=start_step,
+                       perceptual_weight=0.0,
+                       generator_adversarial_weight=0.1)
+  config.num_train_steps = 100
+  config.optimizer.learning_rate = 3e-3  # so the loss halves in 50 steps
+  # Adam with b1 = 0, b2 = 0.99 (the official discriminator settings) makes
+  # the size of the first real update easy to state: lr * g / |g| = lr.
+  config.d_optimizer.update(learning_rate=1e-3, b1=0.0, b2=0.99)
+  return config
+
+
+class Run:
+  """The modules, the jitted step and what the shared run produced."""
+
+  def __init__(self):
+    self.config = config = gan_config()
+    self.model = build.tokenizer(config)
+    self.disc = build.discriminator(config)
+    self.txs = tokenizer_stage.build_optimizers(config)
+    self.batch = garment_batch(8, seed=3)
+    self.step_fn = lambda s, b: tokenizer_stage.train_step(
+        config, self.model, self.disc, self.txs, None, s, b)
+    state = jax.jit(lambda rng: tokenizer_stage.init_state(
+        config, self.model, self.disc, self.txs, rng))(jax.random.key(0))
+    step = jax.jit(self.step_fn)
+    self.states = [state]     # after 0 .. 4 steps
+    self.metrics = []         # of steps 1 .. STEPS, on the host
+    for i in range(STEPS):
+      state, metrics = step(state, self.batch)
+      if i < 4:
+        self.states.append(state)
+      self.metrics.append(jax.device_get(metrics))
+
+
+@pytest.fixture(scope="module")
+def run():
+  return Run()
+
+
+def test_tokenizer_loss_falls_on_a_fixed_batch(run):
+  """The GAN plays from step 3 on and the reconstruction loss still halves."""
+  losses = [float(m["reconstruction_loss"]) for m in run.metrics]
+  assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+  assert all(float(m["discriminator_loss"]) > 0
+             for m in run.metrics[START:]), "the discriminator never played"
+
+
+def test_discriminator_state_waits_for_its_start_step(run):
+  """Before the start step nothing of the discriminator moves: parameters,
+  Adam moments and step count stay as initialised."""
+  states = run.states
+  initial = states[0]["discriminator"]
+  for state in states[1:START + 1]:
+    frozen = state["discriminator"]
+    for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(frozen)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The generator trains meanwhile, and the discriminator starts on time.
+  assert int(states[START]["generator"].step) == START
+  assert int(states[START + 1]["discriminator"].step) == 1
+
+
+def test_first_discriminator_update_has_the_learning_rate_size(run):
+  """Stepping Adam on zero gradients before the start would decay its
+  second moment towards 0 and blow up the first real updates (2x after 3
+  idle steps here, 10x after 500); the first update must be ~lr."""
+  before = run.states[START]["discriminator"].params
+  after = run.states[START + 1]["discriminator"].params
+  largest = max(float(jnp.max(jnp.abs(a - b)))
+                for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+  lr = run.config.d_optimizer.learning_rate
+  assert 0.5 * lr < largest <= 1.01 * lr, largest
+
+
+def test_one_and_eight_devices_take_the_same_tokenizer_step(run):
+  """Step 4 (the GAN's first, R1 included) on a mesh of 8 data-parallel
+  devices gives the single-device step's losses and updates."""
+  state = run.states[START]
+  single, single_metrics = run.states[START + 1], run.metrics[START]
+  mesh = parallel.create_mesh({"data": 8})
+  replicated = parallel.fsdp_sharding(state, mesh)
+  sharded, sharded_metrics = jax.jit(
+      run.step_fn, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+      out_shardings=(replicated, parallel.replicated(mesh)))(
+          jax.device_put(state, replicated),
+          parallel.global_batch(run.batch, mesh))
+  assert float(single_metrics["r1_penalty"]) > 0  # the GAN is on
+  for key in ("loss", "discriminator_loss", "r1_penalty"):
+    np.testing.assert_allclose(sharded_metrics[key], single_metrics[key],
+                               rtol=1e-4, atol=1e-6)
+  # Adam's moments hold the gradients. (Its update is about lr * sign(g)
+  # here (b1 = 0), which float noise can flip where g ~ 0, so parameters are
+  # compared at the scale of one step.)
+  for part in ("generator", "discriminator"):
+    for a, b in zip(jax.tree.leaves(sharded[part].opt_state),
+                    jax.tree.leaves(single[part].opt_state)):
+      # Summation order differs across devices: compare leaf norms.
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b) + 1e-12
+    lr = (run.config.optimizer if part == "generator"
+          else run.config.d_optimizer).learning_rate
+    for a, b in zip(jax.tree.leaves(sharded[part].params),
+                    jax.tree.leaves(single[part].params)):
+      np.testing.assert_allclose(a, b, atol=2 * lr)
+
+
+def test_codebook_usage_counts_the_configured_window_of_steps():
+  """Usage is over the last `codebook_usage_window` steps, across logging
+  windows, not over one logging window."""
+  summarize = tokenizer_stage.CodebookUsage(window=3)
+  step = lambda code: {"loss": np.float32(1.0),
+                       "code_counts": np.eye(8, dtype=np.int32)[code] * 5}
+  # Steps use codes 0, 1 (first log window), then 2, 3, 4 (second).
+  first = summarize([step(0), step(1)])
+  assert first["codebook_usage"] == 2 / 8
+  second = summarize([step(2), step(3), step(4)])
+  assert second["codebook_usage"] == 3 / 8  # codes 2, 3, 4 only
+  np.testing.assert_allclose(second["codebook_perplexity"], 3.0, rtol=1e-6)
+  third = summarize([step(4)])  # window now holds steps using 3, 4, 4
+  assert third["codebook_usage"] == 2 / 8
+  assert third["loss"] == 1.0
+
+
+@pytest.mark.slow  # reads the session's trained tokenizer (conftest.py)
+def test_tokenize_encodes_both_flips(tokenizer_workdir):
+  """The default cache holds, per image, its centre crop and the mirror."""
+  source = tokens_lib.TokenSource(
+      os.fspath(workdir_lib.Workdir(tokenizer_workdir).token_cache))
+  assert len(source) == NUM_TRAIN and source.num_views == 2
+  assert source.token_shape == (8, 8)
+  assert source.metadata["codebook_size"] == 16
+  assert source.metadata["num_views"] == 2 and source.metadata["flip"]
+  assert int(np.max(source.tokens)) < 16
+  assert not np.array_equal(source.tokens[:, 0], source.tokens[:, 1])
+  assert sorted(np.asarray(source.labels).tolist()) == sorted(
+      garments(NUM_TRAIN, 0)[1].tolist())
