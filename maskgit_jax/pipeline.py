@@ -338,11 +338,26 @@ class Pipeline:
   def _sample(self, options: DecodeOptions, inputs: np.ndarray, seed: int,
               knobs: Tuple[float, float, float],
               sharding: Optional[jax.sharding.Sharding] = None) -> np.ndarray:
+    t_params, k_params = self.transformer_params, self.tokenizer_params
     if sharding is not None:  # The batch split over devices (evaluation).
       inputs = jax.device_put(inputs, sharding)
+      t_params, k_params = self._replicated(sharding)
     return np.asarray(sample_images(
-        options, self.transformer_params, self.tokenizer_params, inputs,
+        options, t_params, k_params, inputs,
         jax.random.key(seed), *(jnp.float32(k) for k in knobs)))
+
+  def _replicated(self, sharding: jax.sharding.Sharding):
+    """Both parameter trees copied to every device of `sharding`, once."""
+    key = (id(self.transformer_params), id(self.tokenizer_params),
+           tuple(d.id for d in sharding.device_set))
+    cached = getattr(self, "_replica_cache", None)
+    if cached is None or cached[0] != key:
+      everywhere = jax.sharding.NamedSharding(sharding.mesh,
+                                              jax.sharding.PartitionSpec())
+      cached = (key, jax.device_put(
+          (self.transformer_params, self.tokenizer_params), everywhere))
+      self._replica_cache = cached
+    return cached[1]
 
   def generate(self, class_ids, seed: int = 0, num_iter: int = 8,
                choice_temperature: float = 4.5, guidance_scale: float = 0.0,

@@ -45,3 +45,19 @@ def test_sharding_over_devices_does_not_change_the_images(pipe):
   split = pipe.generate(classes, seed=3, num_iter=2, sharding=sharding)
   whole = pipe.generate(classes, seed=3, num_iter=2)
   np.testing.assert_array_equal(split, whole)
+
+
+def test_sharded_generation_with_parameters_on_one_device(pipe):
+  """Weights restored from a workdir live on one device; sharded
+  generation must still run (they are replicated, once)."""
+  import jax
+  on_one = Pipeline(pipe.tokenizer,
+                    jax.device_put(pipe.tokenizer_params, jax.devices()[0]),
+                    pipe.transformer,
+                    jax.device_put(pipe.transformer_params, jax.devices()[0]),
+                    token_shape=pipe.token_shape)
+  sharding = generation.local_batch_sharding(8)
+  classes = np.arange(8) % 5
+  np.testing.assert_array_equal(
+      on_one.generate(classes, seed=3, num_iter=2, sharding=sharding),
+      pipe.generate(classes, seed=3, num_iter=2))
