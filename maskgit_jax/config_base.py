@@ -58,6 +58,37 @@ def _common(stage: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _eval_config() -> ml_collections.ConfigDict:
+  """`--mode=eval` settings (see maskgit_jax/evaluation/)."""
+  return ml_collections.ConfigDict(dict(
+      # Feature network for FID, IS and precision/recall: "inception" (the
+      # FID InceptionV3; weights from `inception_weights`), "classifier"
+      # (a small in-project classifier from `classifier`, for datasets such
+      # as Fashion-MNIST where Inception is the wrong network) or "none"
+      # (pixel metrics only).
+      feature_network="inception",
+      # An npz written by `python -m maskgit_jax.tools.convert_inception`.
+      inception_weights="inception_fid.npz",
+      classifier="",                # npz of evaluation.classifier
+      # Reference statistics: an npz (ours, or an ADM reference batch such
+      # as VIRTUAL_imagenet256_labeled.npz); empty = computed once from the
+      # data's eval split and cached in `reference_cache_dir`.
+      reference="",
+      reference_cache_dir="~/.cache/maskgit_jax/reference",
+      num_reference=50_000,         # real images for the reference
+      num_samples=50_000,           # generated samples per seed and setting
+      seeds=3,                      # mean and spread over this many seeds
+      precision_recall_samples=10_000,  # feature rows kept per side
+      cas=False,                    # classification accuracy score
+      cas_train_steps=1500,         # steps of the classifier CAS trains
+      name="",                      # eval/<name>.json; empty = from settings
+      # At most one list: sweeps that sampling setting (a PNG plots FID).
+      sweep=ml_collections.ConfigDict(dict(
+          num_iter=(), mask_schedule=(), choice_temperature=(),
+          guidance_scale=())),
+  ))
+
+
 def tokenizer_config() -> ml_collections.ConfigDict:
   """Stage 1: VQGAN with perceptual and adversarial losses."""
   c = _common("tokenizer")
@@ -83,6 +114,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.d_optimizer = ml_collections.ConfigDict(dict(c.optimizer))
   c.codebook_usage_window = 100     # steps over which code usage is counted
   c.num_eval_images = 16            # reconstructions drawn at eval intervals
+  c.eval = _eval_config()
   # --mode=tokenize: the token cache stage 2 trains on, V views per image.
   c.tokenize = ml_collections.ConfigDict(dict(
       batch_size=256,   # images (views included) per encoder call
@@ -111,4 +143,5 @@ def transformer_config() -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(
       num_iter=8, choice_temperature=4.5, guidance_scale=0.0,
       samples_per_class=4))
+  c.eval = _eval_config()
   return c

@@ -10,7 +10,7 @@ The workdir is a run's only state:
   tensorboard/            event files
   images/                 PNG grids (reconstructions or samples)
   tokens/train/           tokenizer runs: the token cache (--mode=tokenize)
-  eval.json               the latest --mode=eval result
+  eval/<name>.json        --mode=eval results (and a PNG for sweeps)
 
 Paths are `etils.epath.Path`s, which orbax and TFDS also use, so a workdir
 may live on a local disk or an object store. Reading weights for inference
@@ -77,8 +77,20 @@ class Workdir:
     return self.path / "tokens" / "train"
 
   @property
-  def eval_file(self) -> epath.Path:
-    return self.path / "eval.json"
+  def eval_dir(self) -> epath.Path:
+    return self.path / "eval"
+
+  def eval_result(self, name: str, suffix: str = ".json") -> epath.Path:
+    """eval/<name>.json (or another suffix, e.g. the sweep's .png)."""
+    return self.eval_dir / f"{name}{suffix}"
+
+  def latest_step(self) -> Optional[int]:
+    """The newest committed checkpoint's step (None if there is none)."""
+    if not self.checkpoints.exists():
+      return None
+    steps = [int(p.name) for p in self.checkpoints.iterdir()
+             if p.name.isdigit()]
+    return max(steps) if steps else None
 
   # --- config ---------------------------------------------------------------
 

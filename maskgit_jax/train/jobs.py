@@ -40,13 +40,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
   return loop.train_and_evaluate(config, workdir, stage)
 
 
+def _lazy(module: str, function: str) -> Callable[..., Any]:
+  """A job of maskgit_jax.evaluation, imported when it runs."""
+  def job(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    import importlib
+    return getattr(importlib.import_module(
+        f"maskgit_jax.evaluation.{module}"), function)(config, workdir)
+  job.__name__ = f"{module}.{function}"
+  return job
+
+
 JOBS: Dict[Tuple[str, str], Callable[[ml_collections.ConfigDict, str], Any]] = {
     ("tokenizer", "train"): train,
     ("tokenizer", "tokenize"): tokenizer_stage.tokenize_mode,
-    ("tokenizer", "eval"): tokenizer_stage.evaluate_mode,
+    ("tokenizer", "eval"): _lazy("tokenizer_eval", "evaluate_tokenizer"),
     ("transformer", "train"): train,
     ("transformer", "sample"): transformer_stage.sample_mode,
-    ("transformer", "eval"): transformer_stage.sample_mode,
+    ("transformer", "eval"): _lazy("transformer_eval",
+                                   "evaluate_transformer"),
 }
 
 

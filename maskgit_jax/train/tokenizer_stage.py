@@ -11,7 +11,6 @@ the Pipeline use.
 
 import collections
 import functools
-import json
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -19,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from maskgit_jax import losses
 from maskgit_jax import workdir as workdir_lib
@@ -243,31 +241,6 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 
 
 # ------------------------------------------------------------------ modes
-
-def evaluate_mode(config: ml_collections.ConfigDict,
-                  workdir: str) -> Dict[str, float]:
-  """--mode=eval: reconstruction PSNR over the evaluation split (eval.json).
-
-  The model comes from the workdir, the data from this run's config, so an
-  imported official tokenizer is evaluated on whatever data is given.
-  """
-  run = workdir_lib.Workdir(workdir)
-  _, model, params = run.load_tokenizer()
-  reconstruct_fn = jax.jit(functools.partial(reconstruct, model))
-  iterator = input_pipeline.make_image_iterator(
-      config.data, split=config.data.eval_split,
-      global_batch_size=config.eval_batch_size, seed=config.seed,
-      train=False, process_index=0, process_count=1)
-  values = []
-  for batch in tqdm.tqdm(iterator, desc="eval", unit="batch"):
-    values.append(np.asarray(losses.psnr(
-        reconstruct_fn(params, batch["image"]), batch["image"])))
-  result = {"psnr": float(np.mean(np.concatenate(values)))}
-  if jax.process_index() == 0:
-    run.eval_file.write_text(json.dumps(result, indent=2))
-  loop.announce(f"Reconstruction PSNR: {result['psnr']:.2f} dB")
-  return result
-
 
 def tokenize_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=tokenize: encodes the training split's views (config.tokenize)

@@ -167,7 +167,7 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 # ------------------------------------------------------------------ modes
 
 def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=sample (and eval, for now): a class grid from the EMA weights."""
+  """--mode=sample: a class grid from the EMA weights (images/samples.png)."""
   from maskgit_jax.pipeline import Pipeline
   pipe = Pipeline.from_workdirs(config.tokenizer_workdir, workdir)
   path = str(workdir_lib.Workdir(workdir).images / "samples.png")

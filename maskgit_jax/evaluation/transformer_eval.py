@@ -1,0 +1,243 @@
+"""--mode=eval on a transformer workdir: FID, IS, precision/recall, CAS.
+
+For each sampling setting (config.sampling, or each value of the one
+non-empty list in config.eval.sweep) and each of config.eval.seeds seeds,
+config.eval.num_samples class-balanced samples are generated in batches of
+eval_batch_size over all devices (each process takes its share of the
+batches), their features stream into float64 running sums, and only the
+feature subset precision/recall needs is kept: the images themselves are
+never all held (except the samples CAS trains on, when asked). Results, with
+mean and spread over seeds, the settings, the checkpoint step and the time,
+go to eval/<name>.json in the workdir; a sweep also plots FID against the
+swept value (eval/<name>.png).
+"""
+
+import json
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from maskgit_jax import evaluation
+from maskgit_jax import workdir as workdir_lib
+from maskgit_jax.evaluation import cas as cas_lib
+from maskgit_jax.evaluation import distributed
+from maskgit_jax.evaluation import features as features_lib
+from maskgit_jax.evaluation import frechet
+from maskgit_jax.evaluation import generation
+from maskgit_jax.evaluation import plot
+from maskgit_jax.evaluation import statistics
+
+SWEEPABLE = ("num_iter", "mask_schedule", "choice_temperature",
+             "guidance_scale")
+METRICS = ("fid", "inception_score", "precision", "recall",
+           "classifier_accuracy", "cas")
+
+
+def sampling_settings(config: ml_collections.ConfigDict
+                      ) -> Tuple[Optional[str], List[Dict[str, Any]]]:
+  """(swept key or None, the list of settings to evaluate)."""
+  base = {"num_iter": int(config.sampling.num_iter),
+          "mask_schedule": config.mask_schedule,
+          "choice_temperature": float(config.sampling.choice_temperature),
+          "guidance_scale": float(config.sampling.guidance_scale)}
+  swept = [k for k in SWEEPABLE if tuple(config.eval.sweep.get(k, ()))]
+  if len(swept) > 1:
+    raise ValueError(f"config.eval.sweep sweeps {swept}; sweep one of "
+                     f"{SWEEPABLE} at a time.")
+  if not swept:
+    return None, [base]
+  key = swept[0]
+  return key, [{**base, key: value} for value in config.eval.sweep[key]]
+
+
+def _check(config: ml_collections.ConfigDict, has_unconditional: bool,
+           settings: List[Dict[str, Any]]) -> None:
+  from maskgit_jax import schedules
+  e = config.eval
+  for key in ("num_samples", "seeds", "num_reference",
+              "precision_recall_samples"):
+    if int(e[key]) < 1:
+      raise ValueError(f"config.eval.{key} must be >= 1, got {e[key]}.")
+  for setting in settings:
+    schedules.validate(setting["mask_schedule"])
+    if setting["guidance_scale"] > 0 and not has_unconditional:
+      raise ValueError(
+          f"guidance_scale={setting['guidance_scale']} needs a transformer "
+          "trained with label dropout; this run has none. Evaluate with "
+          "guidance_scale=0 or fine-tune with --config.label_dropout=0.1.")
+  if e.cas and e.feature_network == "none":
+    raise ValueError("config.eval.cas needs real held-out images and a "
+                     "feature network; feature_network='none' has neither.")
+
+
+def evaluate_transformer(config: ml_collections.ConfigDict,
+                         workdir: str) -> Dict[str, Any]:
+  """Runs the eval job; returns what it writes to eval/<name>.json."""
+  from maskgit_jax.pipeline import Pipeline
+  start = time.time()
+  run = workdir_lib.Workdir(workdir)
+  tokenizer_run = workdir_lib.Workdir(config.tokenizer_workdir)
+  data = tokenizer_run.load_config().data  # the data the tokens came from
+  swept, settings = sampling_settings(config)
+  has_unconditional = workdir_lib.has_unconditional(run.load_config())
+  _check(config, has_unconditional, settings)
+  net = features_lib.from_config(config.eval)  # weights checked first
+  if net is None:
+    raise ValueError("A transformer's eval needs a feature network: set "
+                     "config.eval.feature_network to 'inception' or "
+                     "'classifier'.")
+  pipe = Pipeline.from_workdirs(config.tokenizer_workdir, workdir)
+  batch = int(config.eval_batch_size)
+  reference = features_lib.reference_stats(net, config.eval, data,
+                                           batch_size=batch, seed=config.seed)
+  real = _real_held_out(config, data) if config.eval.cas else None
+
+  results = []
+  for setting in settings:
+    per_seed = [_one_seed(pipe, net, reference, real, config, setting, seed)
+                for seed in range(int(config.eval.seeds))]
+    results.append({"settings": setting, **summarize(per_seed),
+                    "per_seed": per_seed})
+  name = config.eval.name or _default_name(swept, settings)
+  report = {"name": name, "step": run.latest_step(),
+            "num_samples": int(config.eval.num_samples),
+            "seeds": int(config.eval.seeds),
+            "feature_network": net.name, "swept": swept,
+            "results": results, **({} if swept else _flat(results[0])),
+            "seconds": round(time.time() - start, 1)}
+  if jax.process_index() == 0:
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    run.eval_result(name).write_text(json.dumps(report, indent=2))
+    if swept and all(isinstance(s[swept], (int, float)) for s in settings):
+      plot.line_plot([s[swept] for s in settings],
+                     [r["fid"] for r in results],
+                     str(run.eval_result(name, ".png")),
+                     xlabel=swept, ylabel=f"FID ({net.name})")
+  return report
+
+
+def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
+              seed: int) -> Dict[str, float]:
+  """Metrics of one seed's samples under one setting."""
+  e = config.eval
+  class_ids = generation.balanced_class_ids(int(e.num_samples),
+                                            pipe.num_classes, seed)
+  mine = _process_share(class_ids, int(config.eval_batch_size))
+  stats = statistics.FeatureStats(keep=int(e.precision_recall_samples),
+                                  seed=seed)
+  logits, correct, kept_images, kept_labels = [], 0, [], []
+  batches = generation.generate_in_batches(
+      pipe, mine, batch_size=int(config.eval_batch_size), seed=seed,
+      sampling=dict(num_iter=setting["num_iter"],
+                    schedule=setting["mask_schedule"],
+                    choice_temperature=setting["choice_temperature"],
+                    guidance_scale=setting["guidance_scale"]))
+  total = -(-len(mine) // int(config.eval_batch_size))
+  for images, labels in tqdm.tqdm(batches, total=total, unit="batch",
+                                  desc=f"eval seed {seed}",
+                                  disable=jax.process_index() != 0):
+    features, batch_logits = net.outputs(images)
+    stats.update(features)
+    logits.append(batch_logits)
+    correct += int(np.sum(np.argmax(batch_logits, -1) == labels))
+    if real is not None:
+      kept_images.append(images)
+      kept_labels.append(labels)
+  merged = distributed.merge_across_processes(stats)
+  all_logits = _gather_rows(np.concatenate(logits))
+  precision, recall = evaluation.precision_recall(
+      reference.features, merged.features)
+  metrics = {
+      "fid": frechet.frechet_distance(merged.mu, merged.sigma, reference.mu,
+                                      reference.sigma),
+      "inception_score": float(
+          evaluation.inception_score(all_logits).mean),
+      "precision": float(precision), "recall": float(recall)}
+  if net.is_classifier:
+    metrics["classifier_accuracy"] = _sum_over_processes(correct) / len(
+        class_ids)
+  if real is not None:
+    metrics["cas"] = cas_score(np.concatenate(kept_images),
+                               np.concatenate(kept_labels), *real,
+                               num_classes=pipe.num_classes, seed=seed,
+                               num_steps=int(e.cas_train_steps))
+  return metrics
+
+
+def cas_score(images: np.ndarray, labels: np.ndarray,
+              real_images: np.ndarray, real_labels: np.ndarray, *,
+              num_classes: int, seed: int, num_steps: int) -> float:
+  """CAS with the project's small classifier, trained on `images` only."""
+  from maskgit_jax.evaluation import classifier
+
+  def train(train_images, train_labels):
+    params = classifier.train_classifier(
+        train_images, train_labels, num_classes=num_classes, seed=seed,
+        num_steps=num_steps, progress=False)
+    return lambda batch: classifier.classifier_outputs(params, batch)[1]
+
+  return cas_lib.classification_accuracy_score(train, images, labels,
+                                               real_images, real_labels)
+
+
+def _real_held_out(config, data) -> Tuple[np.ndarray, np.ndarray]:
+  """The eval split's images and labels (what CAS is tested on)."""
+  parts = list(features_lib.real_batches(
+      data, split=data.eval_split, batch_size=int(config.eval_batch_size),
+      limit=int(config.eval.num_reference), seed=config.seed))
+  return (np.concatenate([images for images, _ in parts]),
+          np.concatenate([labels for _, labels in parts]))
+
+
+def _process_share(class_ids: np.ndarray, batch_size: int) -> np.ndarray:
+  """This process's whole batches of the class ids (round robin)."""
+  batches = [class_ids[i:i + batch_size]
+             for i in range(0, len(class_ids), batch_size)]
+  mine = batches[jax.process_index()::jax.process_count()]
+  return np.concatenate(mine) if mine else class_ids[:0]
+
+
+def _gather_rows(rows: np.ndarray) -> np.ndarray:
+  if jax.process_count() == 1:
+    return rows
+  from jax.experimental import multihost_utils
+  counts = multihost_utils.process_allgather(np.int32(len(rows)))
+  padded = np.zeros((int(np.max(counts)),) + rows.shape[1:], rows.dtype)
+  padded[:len(rows)] = rows
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([g[:n] for g, n in zip(gathered, counts)])
+
+
+def _sum_over_processes(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
+def summarize(per_seed: List[Dict[str, float]]) -> Dict[str, float]:
+  """Mean over seeds of each metric, and its spread as `<metric>_std`."""
+  out = {}
+  for key in METRICS:
+    values = [m[key] for m in per_seed if key in m]
+    if values:
+      out[key] = float(np.mean(values))
+      out[f"{key}_std"] = float(np.std(values))
+  return out
+
+
+def _flat(result: Dict[str, Any]) -> Dict[str, Any]:
+  """The top-level keys of a single-setting report (fid, ..., settings)."""
+  return {k: v for k, v in result.items() if k != "per_seed"}
+
+
+def _default_name(swept: Optional[str], settings: List[Dict[str, Any]]) -> str:
+  if swept:
+    return f"sweep_{swept}"
+  s = settings[0]
+  return (f"iter{s['num_iter']}_{s['mask_schedule']}_"
+          f"t{s['choice_temperature']:g}_g{s['guidance_scale']:g}")

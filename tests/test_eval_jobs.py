@@ -1,0 +1,112 @@
+"""--mode=eval end to end on the session's tiny trained runs: the keys the
+results hold, sweeps, and the errors that come before any sampling."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import (TOKENIZER_CONFIG, TRANSFORMER_CONFIG, garment_batch,
+                     load_config, run_main)
+from maskgit_jax import workdir as workdir_lib
+from maskgit_jax.train import jobs
+
+pytestmark = pytest.mark.slow  # reads the session's trained workdirs
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory):
+  """A (barely) trained classifier on the tiny garments, as the feature
+  network Fashion-MNIST evaluations use."""
+  from maskgit_jax.evaluation import classifier
+  from helpers import garments
+  images, labels = garments(48, 0)
+  batch = garment_batch(48, 0)["image"]
+  params = classifier.train_classifier(
+      np.round(batch * 255).astype(np.uint8), labels.astype(np.int32),
+      num_classes=10, num_steps=10, batch_size=16, progress=False)
+  path = str(tmp_path_factory.mktemp("classifier") / "classifier.npz")
+  classifier.save_classifier(path, params, {"num_classes": 10})
+  return path
+
+
+def eval_flags(classifier_file, cache_dir):
+  return ["--mode=eval", "--config.eval.feature_network=classifier",
+          f"--config.eval.classifier={classifier_file}",
+          f"--config.eval.reference_cache_dir={cache_dir}",
+          "--config.eval.num_reference=16",
+          "--config.eval.precision_recall_samples=64"]
+
+
+def test_transformer_eval_through_main(transformer_run, tokenizer_workdir,
+                                       classifier_file, tmp_path):
+  result = run_main(
+      f"--config={TRANSFORMER_CONFIG}", f"--workdir={transformer_run.workdir}",
+      f"--config.tokenizer_workdir={tokenizer_workdir}",
+      *eval_flags(classifier_file, tmp_path), "--config.eval.num_samples=200",
+      "--config.eval.seeds=2", "--config.eval_batch_size=40",
+      "--config.eval.cas=True", "--config.eval.cas_train_steps=5",
+      "--config.eval.name=tiny")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(workdir_lib.Workdir(transformer_run.workdir)
+                      .eval_result("tiny").read_text())
+  for key in ("fid", "inception_score", "precision", "recall", "cas",
+              "classifier_accuracy"):
+    assert np.isfinite(report[key]), key
+    assert np.isfinite(report[f"{key}_std"]), key
+  assert len(report["results"][0]["per_seed"]) == 2
+  assert report["fid"] >= 0 and 1 <= report["inception_score"] <= 10
+  assert 0 <= report["precision"] <= 1 and 0 <= report["cas"] <= 1
+  assert report["step"] == 4 and report["num_samples"] == 200
+  assert report["settings"]["num_iter"] == 4  # the tiny config's sampling
+  assert report["seconds"] > 0
+  assert os.listdir(tmp_path)  # the reference was cached
+
+
+def test_sweep_writes_one_result_per_value_and_a_plot(
+    transformer_run, tokenizer_workdir, classifier_file, tmp_path):
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  config.eval_batch_size = 20
+  config.eval.update(feature_network="classifier", classifier=classifier_file,
+                     reference_cache_dir=str(tmp_path), num_reference=16,
+                     precision_recall_samples=32, num_samples=40, seeds=1)
+  config.eval.sweep.num_iter = (2, 4)
+  report = jobs.run("eval", config, transformer_run.workdir)
+  assert report["swept"] == "num_iter"
+  assert [r["settings"]["num_iter"] for r in report["results"]] == [2, 4]
+  run = workdir_lib.Workdir(transformer_run.workdir)
+  assert run.eval_result("sweep_num_iter", ".png").exists()
+  config.eval.sweep.guidance_scale = (0.0, 1.0)
+  with pytest.raises(ValueError, match="one of"):
+    jobs.run("eval", config, transformer_run.workdir)
+
+
+def test_tokenizer_eval_through_main(tokenizer_run, classifier_file,
+                                     data_dirs, tmp_path):
+  result = run_main(
+      f"--config={TOKENIZER_CONFIG}", f"--workdir={tokenizer_run.workdir}",
+      f"--config.data.source_dir={data_dirs[0]}",
+      f"--config.data.data_dir={data_dirs[1]}",
+      *eval_flags(classifier_file, tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(workdir_lib.Workdir(tokenizer_run.workdir)
+                      .eval_result("reconstruction").read_text())
+  for key in ("fid", "psnr", "lpips", "codebook_usage",
+              "codebook_perplexity"):
+    assert np.isfinite(report[key]), key
+  assert report["num_images"] == 16 and report["step"] == 4
+
+
+def test_missing_inception_weights_fail_before_sampling(
+    transformer_run, tokenizer_workdir, tmp_path):
+  config = load_config("maskgit_fashion_mnist")
+  config.tokenizer_workdir = tokenizer_workdir
+  config.eval.update(feature_network="inception",
+                     inception_weights=str(tmp_path / "absent.npz"))
+  with pytest.raises(FileNotFoundError, match="convert_inception"):
+    jobs.run("eval", config, transformer_run.workdir)
+  config.eval.feature_network = "classifier"
+  with pytest.raises(ValueError, match="config.eval.classifier"):
+    jobs.run("eval", config, transformer_run.workdir)
