@@ -32,6 +32,11 @@ def get_config(arg: str = ""):
   c.log_every_steps = 50
   c.ema_decay = 0.995
   c.sampling.update(num_iter=8, samples_per_class=6)
+  # Inception is the wrong feature network for 32x32 garments: evaluate in
+  # the feature space of a classifier trained on the real training set
+  # (`make demo` trains one into demo_output/workdirs/classifier.npz).
+  c.eval.update(feature_network="classifier", num_samples=10_000, seeds=1,
+                num_reference=10_000, cas=True)
   if arg == "tiny":
     c.transformer.update(hidden_size=16, num_layers=1, num_heads=2,
                          mlp_dim=32)

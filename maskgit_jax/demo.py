@@ -8,7 +8,10 @@ writes into --out:
 
   samples.png          one row per class, class-conditional samples
   reconstructions.png  test images (top) and their reconstructions (below)
-  metrics.json         reconstruction PSNR, codebook usage, final losses
+  metrics.json         sample quality (FID, precision/recall, the real-data
+                       classifier's accuracy on samples and CAS, each next
+                       to the real-data ceiling), reconstruction PSNR,
+                       LPIPS and rFID, codebook usage, final losses
 
 Workdirs live under --out/workdirs, so re-running resumes (or, when done,
 only redraws the pictures).
@@ -17,6 +20,8 @@ only redraws the pictures).
 import json
 import os
 import time
+
+import numpy as np
 
 from absl import app
 from absl import flags
@@ -45,6 +50,51 @@ def last_metrics(workdir: str) -> dict:
   for line in text.splitlines():
     merged.update(json.loads(line))
   return merged
+
+
+def train_feature_classifier(data, path: str) -> float:
+  """Trains the evaluation classifier on the real training set once (kept
+  at `path`); returns its accuracy on the real test set."""
+  from maskgit_jax.evaluation import classifier
+  from maskgit_jax.evaluation import features
+  load = lambda split: [np.concatenate(part) for part in zip(
+      *features.real_batches(data, split=split, batch_size=1000,
+                             limit=10**9, seed=0))]
+  test_images, test_labels = load(data.eval_split)
+  if os.path.exists(path):
+    params, _ = classifier.load_classifier(path)
+  else:
+    print("[demo]     training the feature classifier on the real "
+          "training set", flush=True)
+    images, labels = load(data.train_split)
+    params = classifier.train_classifier(images, labels, num_classes=10)
+    classifier.save_classifier(path, params, {"dataset": data.name})
+  return classifier.accuracy(params, test_images, test_labels)
+
+
+def measure_ceiling(tokenizer, transformer) -> dict:
+  """The same metrics for real training images instead of samples."""
+  from maskgit_jax.evaluation import features
+  from maskgit_jax.evaluation import transformer_eval
+  data, e = tokenizer.data, transformer.eval
+  net = features.from_config(e)
+  reference = features.reference_stats(net, e, data, batch_size=500, seed=0)
+  take = lambda split, n: [np.concatenate(part) for part in zip(
+      *features.real_batches(data, split=split, batch_size=1000, limit=n,
+                             seed=0))]
+  return transformer_eval.real_ceiling(
+      net, reference, take(data.train_split, int(e.num_samples)),
+      take(data.eval_split, int(e.num_reference)), num_classes=10,
+      cas_train_steps=int(e.cas_train_steps),
+      precision_recall_samples=int(e.precision_recall_samples))
+
+
+def print_quality(quality: dict) -> None:
+  print("[demo] sample quality (feature classifier's space), samples vs "
+        "real training images (the ceiling):", flush=True)
+  for key, pair in quality.items():
+    print(f"[demo]   {key:20s} {pair['samples']:8.4f}   "
+          f"(real data {pair['real_data']:.4f})", flush=True)
 
 
 def main(argv):
@@ -79,13 +129,35 @@ def main(argv):
       seed=0, train=False, process_index=0, process_count=1))["image"]
   recon = pipe.detokenize(pipe.tokenize(test))
   images_lib.save_pairs(test, recon, os.path.join(out, "reconstructions.png"))
-  psnr = jobs.run("eval", tokenizer, vqgan_dir)["psnr"]
+
+  classifier_path = os.path.join(out, "workdirs", "classifier.npz")
+  real_accuracy = train_feature_classifier(tokenizer.data, classifier_path)
+  for config in (tokenizer, transformer):
+    config.eval.classifier = classifier_path
+    config.eval.reference_cache_dir = os.path.join(out, "workdirs",
+                                                   "reference")
+  tokenizer.eval.name = "demo"
+  k_eval = jobs.run("eval", tokenizer, vqgan_dir)
+  transformer.eval.name = "demo"
+  t_eval = jobs.run("eval", transformer, maskgit_dir)
+  ceiling = measure_ceiling(tokenizer, transformer)
+  quality = {key: {"samples": t_eval[key], "real_data": ceiling[key]}
+             for key in ("fid", "precision", "recall", "classifier_accuracy",
+                         "cas") if key in ceiling}
+  print_quality(quality)
 
   k_metrics, t_metrics = last_metrics(vqgan_dir), last_metrics(maskgit_dir)
   summary = {
-      "reconstruction_psnr_db": psnr,
-      "codebook_usage": k_metrics["codebook_usage"],
-      "codebook_perplexity": k_metrics["codebook_perplexity"],
+      "sample_quality": quality,
+      "sample_settings": t_eval["settings"],
+      "num_samples": t_eval["num_samples"],
+      "feature_classifier_test_accuracy": real_accuracy,
+      "reconstruction_psnr_db": k_eval["psnr"],
+      "reconstruction_lpips": k_eval["lpips"],
+      "reconstruction_fid": k_eval["fid"],
+      # Of the EMA tokenizer on the test set (not the last training window).
+      "codebook_usage": k_eval["codebook_usage"],
+      "codebook_perplexity": k_eval["codebook_perplexity"],
       "tokenizer_final_losses": {k: v for k, v in k_metrics.items()
                                  if k.endswith("loss")},
       "transformer_final_loss": t_metrics["loss"],

@@ -241,3 +241,30 @@ def _default_name(swept: Optional[str], settings: List[Dict[str, Any]]) -> str:
   s = settings[0]
   return (f"iter{s['num_iter']}_{s['mask_schedule']}_"
           f"t{s['choice_temperature']:g}_g{s['guidance_scale']:g}")
+
+
+def real_ceiling(net, reference, train: Tuple[np.ndarray, np.ndarray],
+                 test: Tuple[np.ndarray, np.ndarray], *, num_classes: int,
+                 cas_train_steps: int, precision_recall_samples: int,
+                 seed: int = 0) -> Dict[str, float]:
+  """The metrics of real training images in place of samples: what a
+  perfect generator would score (FID and precision/recall against the
+  test reference, the feature classifier's accuracy on real test images,
+  and CAS of a classifier trained on the real training images)."""
+  stats = statistics.FeatureStats(keep=precision_recall_samples, seed=seed)
+  images, labels = train
+  for start in range(0, len(images), 500):
+    stats.update(net.outputs(images[start:start + 500])[0])
+  precision, recall = evaluation.precision_recall(reference.features,
+                                                  stats.features)
+  out = {"fid": frechet.frechet_distance(stats.mu, stats.sigma,
+                                         reference.mu, reference.sigma),
+         "precision": float(precision), "recall": float(recall)}
+  if net.is_classifier:
+    test_logits = np.concatenate([net.outputs(test[0][s:s + 500])[1]
+                                  for s in range(0, len(test[0]), 500)])
+    out["classifier_accuracy"] = float(
+        np.mean(np.argmax(test_logits, -1) == test[1]))
+  out["cas"] = cas_score(images, labels, *test, num_classes=num_classes,
+                         seed=seed, num_steps=cas_train_steps)
+  return out
