@@ -149,6 +149,8 @@ def test_batches_are_full_and_each_epoch_a_permutation():
     (np.zeros((4, 32, 32, 3), np.uint8), [0, 1, 2, 3], {"batch_size": -1},
      "batch_size=-1"),
     (np.zeros((4, 30, 30, 3), np.uint8), [0, 1, 2, 3], {}, "divisible by 4"),
+    (np.zeros((4, 32, 32, 3), np.uint8), [0, 1, 2, 3], {"max_shift": -1},
+     "max_shift=-1"),
     (np.zeros((4, 32, 32, 3), np.uint8), [0, 1, 2, 3], {"num_classes": 1},
      "num_classes=1"),
 ])
