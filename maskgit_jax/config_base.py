@@ -81,6 +81,7 @@ def _eval_config() -> ml_collections.ConfigDict:
       precision_recall_samples=10_000,  # feature rows kept per side
       cas=False,                    # classification accuracy score
       cas_train_steps=1500,         # steps of the classifier CAS trains
+      lpips_images=50_000,          # tokenizer eval: images LPIPS covers
       name="",                      # eval/<name>.json; empty = from settings
       # At most one list: sweeps that sampling setting (a PNG plots FID).
       sweep=ml_collections.ConfigDict(dict(
