@@ -3,11 +3,13 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes():
   path = os.path.join(REPO, "notebooks", "quickstart.ipynb")
   notebook = nbformat.read(path, as_version=4)

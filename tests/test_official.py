@@ -110,16 +110,26 @@ def test_codebook_sizes_that_disagree(tmp_path):
     Pipeline.from_official(tokenizer=path, transformer=TRANSFORMER)
 
 
-def test_import_tool_writes_workdirs_that_sample_the_same(tmp_path, pipe):
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """(out, tokenizer workdir, transformer workdir) of one import, which the
+  tests below only read (or copy)."""
   from maskgit_jax.tools import import_official
-  k_dir, t_dir = import_official.import_official(
-      TOKENIZER, TRANSFORMER, str(tmp_path / "out"))
+  out = str(tmp_path_factory.mktemp("imported") / "out")
+  return (out, *import_official.import_official(TOKENIZER, TRANSFORMER, out))
+
+
+@pytest.mark.slow
+def test_import_tool_writes_workdirs_that_sample_the_same(imported, pipe):
+  from maskgit_jax.tools import import_official
+  out, k_dir, t_dir = imported
+  assert (k_dir, t_dir) == (os.path.join(out, "tokenizer"),
+                            os.path.join(out, "transformer"))
   loaded = Pipeline.from_workdirs(k_dir, t_dir)
   np.testing.assert_array_equal(loaded.generate([1, 2], seed=3, num_iter=4),
                                 pipe.generate([1, 2], seed=3, num_iter=4))
   with pytest.raises(FileExistsError):
-    import_official.import_official(TOKENIZER, TRANSFORMER,
-                                    str(tmp_path / "out"))
+    import_official.import_official(TOKENIZER, TRANSFORMER, out)
 
 
 def test_edit_regenerates_only_the_box(pipe, reference):
@@ -155,16 +165,19 @@ def test_token_mask_and_outpainting_canvas(pipe):
 
 
 def test_classifier_free_guidance(pipe, reference):
+  import jax
   import jax.numpy as jnp
   from maskgit_jax import pipeline
   from maskgit_jax import sampling
   tokens = jnp.asarray(reference["tokens"])
-  apply = lambda t: pipe.transformer.apply(
-      {"params": pipe.transformer_params}, t)[..., :CODEBOOK]
+  # Jitted: one program each rather than every op compiled on its own.
+  apply = jax.jit(lambda t: pipe.transformer.apply(
+      {"params": pipe.transformer_params}, t)[..., :CODEBOOK])
   cond, uncond = apply(tokens), apply(tokens.at[:, 0].set(-1))
   logits_fn = lambda t: pipeline.image_logits(
       pipe.transformer, pipe.transformer_params, t)
-  guided = sampling.guided(logits_fn, 2.0, "constant", 4)(tokens, jnp.int32(0))
+  guided = jax.jit(sampling.guided(logits_fn, 2.0, "constant", 4))(
+      tokens, jnp.int32(0))
   np.testing.assert_allclose(guided, cond + 2.0 * (cond - uncond),
                              rtol=1e-5, atol=1e-5)
   # The released weights have no unconditional model: guidance is refused.
@@ -183,14 +196,17 @@ def test_classifier_free_guidance(pipe, reference):
     declared.generate([1], guidance_scale=1.0, guidance_schedule="step")
 
 
-def test_imported_workdirs_evaluate_and_fine_tune(tmp_path):
+@pytest.mark.slow
+def test_imported_workdirs_evaluate_and_fine_tune(imported, tmp_path):
   """Official weights as workdirs: eval, tokenize, then train on from step 0."""
   import gzip
-  from maskgit_jax.tools import import_official
+  import shutil
   from maskgit_jax.train import jobs
   from maskgit_jax import workdir as workdir_lib
-  k_dir, t_dir = import_official.import_official(
-      TOKENIZER, TRANSFORMER, str(tmp_path / "official"))
+  # A copy: this test writes into both workdirs.
+  k_dir, t_dir = str(tmp_path / "tokenizer"), str(tmp_path / "transformer")
+  shutil.copytree(imported[1], k_dir)
+  shutil.copytree(imported[2], t_dir)
   source_dir = tmp_path / "idx"
   source_dir.mkdir()
   rng = np.random.default_rng(0)
@@ -208,11 +224,15 @@ def test_imported_workdirs_evaluate_and_fine_tune(tmp_path):
                        data_dir=str(tmp_path / "tfds"), eval_split="test",
                        image_size=32)
   k_config.update(batch_size=8, eval_batch_size=8, num_eval_images=8)
+  k_config.eval.feature_network = "none"  # no Inception weights here
   scalars = jobs.run("eval", k_config, k_dir)
-  assert np.isfinite(scalars["psnr"])
+  assert np.isfinite(scalars["psnr"]) and np.isfinite(scalars["lpips"])
+  assert scalars["num_images"] == 10 and 0 < scalars["codebook_usage"] <= 1
   jobs.run("tokenize", k_config, k_dir)
 
   t_config = workdir_lib.Workdir(t_dir).load_config()
+  assert t_config.tokenizer_workdir == imported[1]
+  t_config.tokenizer_workdir = k_dir  # the copy, with its token cache
   t_config.update(batch_size=8, num_train_steps=2, log_every_steps=1,
                   checkpoint_every_steps=2, eval_every_steps=2)
   jobs.run("train", t_config, t_dir)

@@ -65,6 +65,7 @@ def run():
   return Run()
 
 
+@pytest.mark.slow  # the shared 50-step run
 def test_tokenizer_loss_falls_on_a_fixed_batch(run):
   """The GAN plays from step 3 on and the reconstruction loss still halves."""
   losses = [float(m["reconstruction_loss"]) for m in run.metrics]
@@ -73,6 +74,7 @@ def test_tokenizer_loss_falls_on_a_fixed_batch(run):
              for m in run.metrics[START:]), "the discriminator never played"
 
 
+@pytest.mark.slow  # the shared 50-step run
 def test_discriminator_state_waits_for_its_start_step(run):
   """Before the start step nothing of the discriminator moves: parameters,
   Adam moments and step count stay as initialised."""
@@ -87,6 +89,7 @@ def test_discriminator_state_waits_for_its_start_step(run):
   assert int(states[START + 1]["discriminator"].step) == 1
 
 
+@pytest.mark.slow  # the shared 50-step run
 def test_first_discriminator_update_has_the_learning_rate_size(run):
   """Stepping Adam on zero gradients before the start would decay its
   second moment towards 0 and blow up the first real updates (2x after 3
@@ -99,6 +102,7 @@ def test_first_discriminator_update_has_the_learning_rate_size(run):
   assert 0.5 * lr < largest <= 1.01 * lr, largest
 
 
+@pytest.mark.slow  # the shared 50-step run
 def test_one_and_eight_devices_take_the_same_tokenizer_step(run):
   """Step 4 (the GAN's first, R1 included) on a mesh of 8 data-parallel
   devices gives the single-device step's losses and updates."""

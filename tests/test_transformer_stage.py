@@ -70,6 +70,7 @@ def test_transformer_loss_falls_on_a_fixed_batch():
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_take_the_same_step(tiny_state):
   config, model, tx, batch = tiny_transformer_setup()
   state = tiny_state
