@@ -71,7 +71,8 @@ def test_sweep_writes_one_result_per_value_and_a_plot(
   config.eval_batch_size = 20
   config.eval.update(feature_network="classifier", classifier=classifier_file,
                      reference_cache_dir=str(tmp_path), num_reference=16,
-                     precision_recall_samples=32, num_samples=40, seeds=1)
+                     precision_recall_samples=32, num_samples=40, seeds=1,
+                     cas=False)  # CAS trains a classifier: the main test has it
   config.eval.sweep.num_iter = (2, 4)
   report = jobs.run("eval", config, transformer_run.workdir)
   assert report["swept"] == "num_iter"

@@ -2,7 +2,7 @@
 discriminator plays; one device or eight), how code usage is counted, and
 the token cache `--mode=tokenize` writes.
 
-The step tests share one run: 50 steps of one jitted, single-device GAN step
+The step tests share one run: 20 steps of one jitted, single-device GAN step
 on a fixed batch (compiled once), the discriminator starting at step 3.
 """
 
@@ -21,7 +21,7 @@ from maskgit_jax.models import build
 from maskgit_jax.train import tokenizer_stage
 
 START = 3    # the discriminator's first step
-STEPS = 50   # of the shared run
+STEPS = 20   # of the shared run (the loss is down to ~1/4 by then)
 
 
 def gan_config(start_step: int = START):
@@ -30,7 +30,7 @@ def gan_config(start_step: int = START):
                        perceptual_weight=0.0,
                        generator_adversarial_weight=0.1)
   config.num_train_steps = 100
-  config.optimizer.learning_rate = 3e-3  # so the loss halves in 50 steps
+  config.optimizer.learning_rate = 3e-3  # so the loss halves in 20 steps
   # Adam with b1 = 0, b2 = 0.99 (the official discriminator settings) makes
   # the size of the first real update easy to state: lr * g / |g| = lr.
   config.d_optimizer.update(learning_rate=1e-3, b1=0.0, b2=0.99)
@@ -65,7 +65,7 @@ def run():
   return Run()
 
 
-@pytest.mark.slow  # the shared 50-step run
+@pytest.mark.slow  # the shared 20-step run
 def test_tokenizer_loss_falls_on_a_fixed_batch(run):
   """The GAN plays from step 3 on and the reconstruction loss still halves."""
   losses = [float(m["reconstruction_loss"]) for m in run.metrics]
@@ -74,7 +74,7 @@ def test_tokenizer_loss_falls_on_a_fixed_batch(run):
              for m in run.metrics[START:]), "the discriminator never played"
 
 
-@pytest.mark.slow  # the shared 50-step run
+@pytest.mark.slow  # the shared 20-step run
 def test_discriminator_state_waits_for_its_start_step(run):
   """Before the start step nothing of the discriminator moves: parameters,
   Adam moments and step count stay as initialised."""
@@ -89,7 +89,7 @@ def test_discriminator_state_waits_for_its_start_step(run):
   assert int(states[START + 1]["discriminator"].step) == 1
 
 
-@pytest.mark.slow  # the shared 50-step run
+@pytest.mark.slow  # the shared 20-step run
 def test_first_discriminator_update_has_the_learning_rate_size(run):
   """Stepping Adam on zero gradients before the start would decay its
   second moment towards 0 and blow up the first real updates (2x after 3
@@ -102,7 +102,7 @@ def test_first_discriminator_update_has_the_learning_rate_size(run):
   assert 0.5 * lr < largest <= 1.01 * lr, largest
 
 
-@pytest.mark.slow  # the shared 50-step run
+@pytest.mark.slow  # the shared 20-step run
 def test_one_and_eight_devices_take_the_same_tokenizer_step(run):
   """Step 4 (the GAN's first, R1 included) on a mesh of 8 data-parallel
   devices gives the single-device step's losses and updates."""
