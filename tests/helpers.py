@@ -110,3 +110,50 @@ def run_main(*args):
   return subprocess.run([sys.executable, "-m", "maskgit_jax.main", *args],
                         capture_output=True, text=True, cwd=REPO,
                         env=one_device_env())
+
+
+def free_port():
+  """A TCP port free on localhost (for a jax.distributed coordinator)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_two_processes(argv_of, timeout=120):
+  """Runs `argv_of(0)` and `argv_of(1)` side by side on one CPU device each
+  (no fake devices) and returns each one's JSON `RESULT ...` line, parsed,
+  keyed by its "process"; a process that fails fails the test."""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  processes = [subprocess.Popen(argv_of(i), env=env, text=True,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE) for i in range(2)]
+  outputs = []
+  try:
+    for process in processes:
+      outputs.append(process.communicate(timeout=timeout))
+  finally:
+    for process in processes:
+      process.kill()
+  results = {}
+  for process, (out, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    results[result["process"]] = dict(result, err=err)
+  return results
+
+
+def main_exit(*flag_args):
+  """Runs maskgit_jax.main's `main` in this process with `flag_args` and
+  returns the code of the SystemExit it must end with."""
+  import pytest
+  from absl import flags
+  from maskgit_jax import main as main_lib
+  flags.FLAGS(["main", *flag_args])
+  try:
+    with pytest.raises(SystemExit) as stopped:
+      main_lib.main(["main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return stopped.value.code

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import (REPO, TRANSFORMER_CONFIG, committed_steps, load_config,
-                     run_main, tokenizer_config, train_rows,
+                     main_exit, run_main, tokenizer_config, train_rows,
                      transformer_config)
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.data import tokens as tokens_lib
@@ -69,9 +69,7 @@ def test_main_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
   """A DiskFullError from the job ends `main` with exit status 1 and one
   line `Error: No space left ...` (sys.exit with the message), no trace.
   What the message says is the loop's (tests/test_loop.py)."""
-  from absl import flags
   from maskgit_jax import checkpoints
-  from maskgit_jax import main as main_lib
   workdir = tmp_path / "run"
   directory = workdir / "checkpoints"
   (directory / "2").mkdir(parents=True)
@@ -87,15 +85,9 @@ def test_main_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
       raise checkpoints.disk_full_error(str(directory), error, []) from error
 
   monkeypatch.setattr(jobs, "run", full_disk)
-  flags.FLAGS(["main", f"--config={REPO}/{TRANSFORMER_CONFIG}",
-               f"--workdir={workdir}"])
-  try:
-    with pytest.raises(SystemExit) as stopped:
-      main_lib.main(["main"])
-  finally:
-    flags.FLAGS.unparse_flags()
+  message = main_exit(f"--config={REPO}/{TRANSFORMER_CONFIG}",
+                      f"--workdir={workdir}")
   assert calls == [("train", "transformer", str(workdir))]
-  message = stopped.value.code
   # A str exit code: Python prints it to stderr once and exits with 1.
   assert isinstance(message, str), message
   assert "\n" not in message

@@ -5,12 +5,12 @@ although JAX runs without x64."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+import helpers
 
 DIM, ROWS_PER_PROCESS, KEEP = 6, 40, 50
 
@@ -56,33 +56,11 @@ def worker(process_id, port):
   jax.distributed.shutdown()
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two JAX processes: ~5 s
 def test_two_processes_merge_to_the_statistics_of_all_rows():
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  processes = [subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), str(i), str(port)],
-      env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for i in range(2)]
-  outputs = []
-  try:
-    for process in processes:
-      outputs.append(process.communicate(timeout=120))
-  finally:
-    for process in processes:
-      process.kill()
-  results = {}
-  for process, (out, err) in zip(processes, outputs):
-    assert process.returncode == 0, err[-3000:]
-    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
-    results[result["process"]] = result
+  port = helpers.free_port()
+  results = helpers.run_two_processes(lambda i: [
+      sys.executable, os.path.abspath(__file__), str(i), str(port)])
   # Expected sums, in the order the merge adds them (process 0 + process 1).
   sums = []
   for process_id in (0, 1):

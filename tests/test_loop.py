@@ -11,7 +11,6 @@ wrongly changes the final bits.
 import errno
 import json
 import os
-import socket
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import helpers
 import toy_stage as toy
+from helpers import file_bytes
 from maskgit_jax import checkpoints
 from maskgit_jax.train import loop
 
@@ -64,16 +65,6 @@ def assert_same_arrays(got, want):
   assert sorted(got) == sorted(want)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-
-
-def file_bytes(directory):
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -432,8 +423,6 @@ def test_main_exits_nonzero_naming_the_checkpoint(reference, tmp_path,
                                                   monkeypatch):
   """Through the entry point: exit status 1 and one line `Error: ...` that
   names the checkpoint and the MemoryError."""
-  from absl import flags
-  from maskgit_jax import main as main_lib
   from maskgit_jax.train import jobs
   workdir = copy_of(reference, tmp_path)
   monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore",
@@ -441,14 +430,9 @@ def test_main_exits_nonzero_naming_the_checkpoint(reference, tmp_path,
                           MemoryError("out of memory")))
   monkeypatch.setattr(jobs, "run", lambda mode, config, path: toy.train(
       path, num_train_steps=STEPS))
-  flags.FLAGS(["main", "--config=configs/vqgan_fashion_mnist.py:tiny",
-               f"--workdir={workdir}"])
-  try:
-    with pytest.raises(SystemExit) as stopped:
-      main_lib.main(["main"])
-  finally:
-    flags.FLAGS.unparse_flags()
-  assert str(stopped.value.code).startswith(
+  code = helpers.main_exit("--config=configs/vqgan_fashion_mnist.py:tiny",
+                           f"--workdir={workdir}")
+  assert str(code).startswith(
       f"Error: Checkpoint {workdir}/checkpoints/{STEPS} could not be "
       "restored: MemoryError: out of memory.")
   assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
@@ -510,12 +494,6 @@ def test_every_checkpoint_damaged_starts_fresh_when_configured(reference,
 # ------------------------------------------------------------ two processes
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_agree_and_set_aside_once(tmp_path):
   """Two processes of one job on localhost (gloo): after training to step
   4, process 1's data position in checkpoint 4 is removed, which only
@@ -524,25 +502,10 @@ def test_two_processes_agree_and_set_aside_once(tmp_path):
   uninterrupted run; both then restore the EMA weights (onto a device of
   their own) for inference."""
   workdir = str(tmp_path / "job")
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  processes = [subprocess.Popen(
-      [sys.executable, TOY_SCRIPT, f"--process={i}", f"--port={port}",
-       workdir, "data/process_1-of-2.json"], env=env, text=True,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  outputs = []
-  try:
-    for process in processes:
-      outputs.append(process.communicate(timeout=120))
-  finally:
-    for process in processes:
-      process.kill()
-  results = {}
-  for process, (out, err) in zip(processes, outputs):
-    assert process.returncode == 0, err[-3000:]
-    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
-    results[result["process"]] = dict(result, err=err)
+  port = helpers.free_port()
+  results = helpers.run_two_processes(lambda i: [
+      sys.executable, TOY_SCRIPT, f"--process={i}", f"--port={port}",
+      workdir, "data/process_1-of-2.json"])
   for i in (0, 1):
     assert results[i]["restored"] == [None, 2, 4], i
     assert results[i]["ema_step"] == 4

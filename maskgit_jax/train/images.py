@@ -5,12 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images
-  return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
+from maskgit_jax.evaluation.features import to_uint8
 
 
 def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:

@@ -140,10 +140,14 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   model = build.transformer(config, codebook_size, height * width)
   tx = build_optimizer(config)
 
+  tokenizer_weights = []  # read from the tokenizer workdir once, when needed
+
   def sample_grid(state, step):
     from maskgit_jax.pipeline import Pipeline  # Inference side, float32.
-    tokenizer_run = workdir_lib.Workdir(config.tokenizer_workdir)
-    _, tokenizer, k_params = tokenizer_run.load_tokenizer()
+    if not tokenizer_weights:
+      tokenizer_weights.extend(workdir_lib.Workdir(
+          config.tokenizer_workdir).load_tokenizer()[1:])
+    tokenizer, k_params = tokenizer_weights
     pipe = Pipeline(tokenizer, k_params,
                     build.transformer(config, codebook_size, height * width,
                                       dtype="float32"),
