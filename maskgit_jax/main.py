@@ -8,8 +8,10 @@ The config says which stage it trains (`config.stage`). The resolved config
 is written to the workdir; re-running the same command resumes.
 Modes: train (default), tokenize (tokenizer workdirs: encode the training
 set once into the token cache stage 2 reads), sample (transformer workdirs:
-a PNG grid of class-conditional samples), eval (reconstruction PSNR for a
-tokenizer, a sample grid for a transformer).
+a PNG grid of class-conditional samples), eval (a tokenizer: rFID, PSNR,
+LPIPS, codebook usage and perplexity; a transformer: FID, IS,
+precision/recall and CAS of generated samples, see
+maskgit_jax/evaluation/), each written to eval/<name>.json.
 """
 
 import sys
@@ -30,13 +32,21 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+_DISTRIBUTED_TIMEOUT_S = flags.DEFINE_integer(
+    "distributed_timeout_s", None,
+    "Seconds a multi-process job waits for all processes to meet at the "
+    "coordinator before failing (default: env MASKGIT_INIT_TIMEOUT_S, "
+    "else 300).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  parallel.initialize_distributed()
+  try:
+    parallel.initialize_distributed(_DISTRIBUTED_TIMEOUT_S.value)
+  except (parallel.DistributedInitError, ValueError) as error:
+    sys.exit(f"Error: {error}")  # Names the settings; a trace would not help.
   from maskgit_jax.train import jobs  # After distributed init.
   # Orbax and grain log every save at INFO; our own news goes to stderr.
   logging.set_verbosity(logging.WARNING)

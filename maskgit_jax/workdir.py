@@ -40,7 +40,10 @@ class Workdir:
   """Paths of a run's directory, and what inference reads from it."""
 
   def __init__(self, path: PathLike):
-    self.path = epath.Path(path)
+    text = os.fspath(path)
+    if "://" not in text:  # Local: absolute (orbax needs it), ~ expanded.
+      text = os.path.abspath(os.path.expanduser(text))
+    self.path = epath.Path(text)
 
   def __repr__(self) -> str:
     return f"Workdir({os.fspath(self.path)!r})"

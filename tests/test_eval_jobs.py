@@ -3,12 +3,14 @@ results hold, sweeps, and the errors that come before any sampling."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from helpers import (TOKENIZER_CONFIG, TRANSFORMER_CONFIG, garment_batch,
-                     load_config, run_main)
+from helpers import (REPO, TOKENIZER_CONFIG, TRANSFORMER_CONFIG, free_port,
+                     garment_batch, load_config, one_device_env, run_main)
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.train import jobs
 
@@ -111,3 +113,77 @@ def test_missing_inception_weights_fail_before_sampling(
   config.eval.feature_network = "classifier"
   with pytest.raises(ValueError, match="config.eval.classifier"):
     jobs.run("eval", config, transformer_run.workdir)
+
+
+def test_schedule_experiment_writes_points_table_and_plots(
+    transformer_run, tokenizer_workdir, classifier_file, tmp_path):
+  out, table = tmp_path / "experiment.json", tmp_path / "table.md"
+  command = [
+      sys.executable, os.path.join(REPO, "benchmarks",
+                                   "schedule_experiment.py"),
+      f"--workdir={transformer_run.workdir}",
+      f"--tokenizer_workdir={tokenizer_workdir}",
+      f"--classifier={classifier_file}", "--schedules=cosine,sqrt",
+      "--iterations=2,3", "--num_samples=20", "--seeds=2",
+      "--cas_train_steps=0", "--eval_batch_size=20", "--num_reference=16",
+      f"--out={out}", f"--table={table}", f"--plot_dir={tmp_path}"]
+  result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(out.read_text())
+  assert {(p["schedule"], p["num_iter"]) for p in summary["points"]} == {
+      ("cosine", 2), ("cosine", 3), ("sqrt", 2), ("sqrt", 3)}
+  for point in summary["points"]:
+    assert np.isfinite(point["fid"]) and point["fid_std"] >= 0
+  findings = summary["findings"]
+  assert set(findings["mean_fid_by_shape"]) == {"concave", "convex"}
+  assert findings["best_num_iter"]["cosine"]["num_iter"] in (2, 3)
+  assert "| cosine (concave) |" in table.read_text()
+  assert (tmp_path / "schedule_experiment_fid.png").exists()
+  # A second run reuses the results the first left in the workdir.
+  again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("reusing") == 2
+  assert json.loads(out.read_text())["points"] == summary["points"]
+
+
+def test_two_processes_evaluate_like_one(transformer_run, tokenizer_workdir,
+                                         classifier_file, tmp_path):
+  """2 processes x 1 device share the batches (3 batches: 2 + 1) and reach
+  the numbers of one process; only process 0 reports progress."""
+  common = [
+      sys.executable, "-m", "maskgit_jax.main",
+      f"--config={TRANSFORMER_CONFIG}",
+      f"--workdir={transformer_run.workdir}",
+      f"--config.tokenizer_workdir={tokenizer_workdir}",
+      *eval_flags(classifier_file, tmp_path), "--config.eval.num_samples=60",
+      "--config.eval.seeds=1", "--config.eval_batch_size=20",
+      "--config.eval.cas=True", "--config.eval.cas_train_steps=5"]
+  env = one_device_env()
+  single = subprocess.run([*common, "--config.eval.name=one_process"],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = free_port()
+  processes = [subprocess.Popen(
+      [*common, "--config.eval.name=two_processes"], cwd=REPO, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+      for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  run = workdir_lib.Workdir(transformer_run.workdir)
+  one = json.loads(run.eval_result("one_process").read_text())
+  two = json.loads(run.eval_result("two_processes").read_text())
+  np.testing.assert_allclose(two["fid"], one["fid"], rtol=1e-6)
+  np.testing.assert_allclose(two["inception_score"], one["inception_score"],
+                             rtol=1e-6)
+  for key in ("precision", "recall", "classifier_accuracy", "cas"):
+    assert two[key] == one[key], key
+  assert two["num_samples"] == 60
+  assert "eval seed 0" in outputs[0][1]  # process 0 shows the progress bar
+  assert "eval seed 0" not in outputs[1][1]

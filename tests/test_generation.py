@@ -37,6 +37,20 @@ def test_batches_cover_the_classes_in_order_and_repeat_with_the_seed(pipe):
   assert not np.array_equal(images, np.concatenate([im for im, _ in other]))
 
 
+def test_a_process_share_draws_the_same_images_as_the_whole_job(pipe):
+  """Process 1 of 2 takes batches 1, 3, ...: each is seeded by its index
+  in the whole job, so together the shares equal one process's images."""
+  classes = np.arange(20, dtype=np.int32) % 5
+  whole = [im for im, _ in generation.generate_in_batches(
+      pipe, classes, batch_size=4, seed=7, sampling=dict(num_iter=2))]
+  share = [im for im, _ in generation.generate_in_batches(
+      pipe, np.concatenate([classes[4:8], classes[12:16]]), batch_size=4,
+      seed=7, sampling=dict(num_iter=2), first_batch=1, batch_stride=2)]
+  np.testing.assert_array_equal(share[0], whole[1])
+  np.testing.assert_array_equal(share[1], whole[3])
+  assert not np.array_equal(share[0], whole[0])
+
+
 def test_sharding_over_devices_does_not_change_the_images(pipe):
   """8 fake devices (conftest): the batch is split, the samples are not."""
   sharding = generation.local_batch_sharding(8)

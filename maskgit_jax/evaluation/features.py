@@ -106,7 +106,7 @@ def reference_stats(net: FeatureNetwork,
       os.path.expanduser(eval_config.reference_cache_dir), data_config.name,
       data_config.eval_split,
       variant=f"{net.name}-{data_config.image_size}px-"
-              f"{int(eval_config.num_reference)}")
+              f"{int(eval_config.num_reference)}-keep{keep}-seed{seed}")
   if path.exists():
     return reference_lib.load_reference(path)
   stats = statistics.FeatureStats(keep=keep, seed=seed)
@@ -114,7 +114,7 @@ def reference_stats(net: FeatureNetwork,
       real_batches(data_config, split=data_config.eval_split,
                    batch_size=batch_size,
                    limit=int(eval_config.num_reference), seed=seed),
-      desc="reference", unit="batch"):
+      desc="reference", unit="batch", disable=jax.process_index() != 0):
     stats.update(net.outputs(images)[0])
   reference = reference_lib.ReferenceStats.from_feature_stats(stats)
   if jax.process_index() == 0:

@@ -42,14 +42,18 @@ def local_batch_sharding(batch_size: int) -> Optional[NamedSharding]:
 
 
 def generate_in_batches(pipe: Any, class_ids: np.ndarray, *, batch_size: int,
-                        seed: int, sampling: Optional[Dict[str, Any]] = None
+                        seed: int, sampling: Optional[Dict[str, Any]] = None,
+                        first_batch: int = 0, batch_stride: int = 1
                         ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """Yields (uint8 images [b, H, W, C], class ids [b]) over `class_ids`.
 
   `sampling` holds `Pipeline.generate` keywords (num_iter,
   choice_temperature, guidance_scale, schedule, ...). Every batch has
   `batch_size` rows on device (the last is padded and trimmed), so the
-  decoder compiles once.
+  decoder compiles once. When `class_ids` are one process's share of a
+  larger job (its batches first_batch, first_batch + batch_stride, ...),
+  each batch is seeded by its index in the whole job, so no two processes
+  draw the same noise and the images equal a single process's.
   """
   class_ids = np.asarray(class_ids, np.int32).reshape(-1)
   if batch_size < 1:
@@ -59,6 +63,7 @@ def generate_in_batches(pipe: Any, class_ids: np.ndarray, *, batch_size: int,
     labels = class_ids[start:start + batch_size]
     padded = np.concatenate(
         [labels, np.full(batch_size - len(labels), labels[0], np.int32)])
-    images = pipe.generate(padded, seed=batch_seed(seed, index),
+    job_index = first_batch + index * batch_stride
+    images = pipe.generate(padded, seed=batch_seed(seed, job_index),
                            sharding=sharding, **(sampling or {}))
     yield images[:len(labels)], labels

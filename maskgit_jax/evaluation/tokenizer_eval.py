@@ -10,7 +10,6 @@ is encoded to. Written to eval/<name>.json ("reconstruction" by default).
 """
 
 import functools
-import json
 import sys
 import time
 from typing import Any, Dict
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from maskgit_jax import files
 from maskgit_jax import losses
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.evaluation import features as features_lib
@@ -87,9 +87,8 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict,
     result["feature_network"] = net.name
   result["seconds"] = round(time.time() - start, 1)
   if jax.process_index() == 0:
-    run.eval_dir.mkdir(parents=True, exist_ok=True)
-    run.eval_result(config.eval.name or "reconstruction").write_text(
-        json.dumps(result, indent=2))
+    files.write_json(run.eval_result(config.eval.name or "reconstruction"),
+                     result)
     print(f"Reconstruction PSNR {result['psnr']:.2f} dB, LPIPS "
           f"{result['lpips']}" + (f", rFID {result['fid']:.3f}"
                                       if "fid" in result else ""),

@@ -12,7 +12,6 @@ go to eval/<name>.json in the workdir; a sweep also plots FID against the
 swept value (eval/<name>.png).
 """
 
-import json
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,6 +21,7 @@ import numpy as np
 import tqdm
 
 from maskgit_jax import evaluation
+from maskgit_jax import files
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.evaluation import cas as cas_lib
 from maskgit_jax.evaluation import distributed
@@ -69,6 +69,13 @@ def _check(config: ml_collections.ConfigDict, has_unconditional: bool,
           f"guidance_scale={setting['guidance_scale']} needs a transformer "
           "trained with label dropout; this run has none. Evaluate with "
           "guidance_scale=0 or fine-tune with --config.label_dropout=0.1.")
+  batches = -(-int(e.num_samples) // int(config.eval_batch_size))
+  if batches < jax.process_count():
+    raise ValueError(
+        f"config.eval.num_samples={e.num_samples} makes {batches} batch(es) "
+        f"of eval_batch_size={config.eval_batch_size}, fewer than the "
+        f"{jax.process_count()} processes: every process needs at least "
+        "one; sample more or use a smaller eval_batch_size.")
   if e.cas and e.feature_network == "none":
     raise ValueError("config.eval.cas needs real held-out images and a "
                      "feature network; feature_network='none' has neither.")
@@ -110,12 +117,11 @@ def evaluate_transformer(config: ml_collections.ConfigDict,
             "results": results, **({} if swept else _flat(results[0])),
             "seconds": round(time.time() - start, 1)}
   if jax.process_index() == 0:
-    run.eval_dir.mkdir(parents=True, exist_ok=True)
-    run.eval_result(name).write_text(json.dumps(report, indent=2))
+    files.write_json(run.eval_result(name), report)
     if swept and all(isinstance(s[swept], (int, float)) for s in settings):
       plot.line_plot([s[swept] for s in settings],
                      [r["fid"] for r in results],
-                     str(run.eval_result(name, ".png")),
+                     run.eval_result(name, ".png"),
                      xlabel=swept, ylabel=f"FID ({net.name})")
   return report
 
@@ -126,12 +132,14 @@ def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
   e = config.eval
   class_ids = generation.balanced_class_ids(int(e.num_samples),
                                             pipe.num_classes, seed)
-  mine = _process_share(class_ids, int(config.eval_batch_size))
+  mine = _process_share(len(class_ids), int(config.eval_batch_size))
   stats = statistics.FeatureStats(keep=int(e.precision_recall_samples),
                                   seed=seed)
-  logits, correct, kept_images, kept_labels = [], 0, [], []
+  logits, correct, kept_images = [], 0, []
   batches = generation.generate_in_batches(
-      pipe, mine, batch_size=int(config.eval_batch_size), seed=seed,
+      pipe, class_ids[mine], batch_size=int(config.eval_batch_size),
+      seed=seed, first_batch=jax.process_index(),
+      batch_stride=jax.process_count(),
       sampling=dict(num_iter=setting["num_iter"],
                     schedule=setting["mask_schedule"],
                     choice_temperature=setting["choice_temperature"],
@@ -146,9 +154,10 @@ def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
     correct += int(np.sum(np.argmax(batch_logits, -1) == labels))
     if real is not None:
       kept_images.append(images)
-      kept_labels.append(labels)
   merged = distributed.merge_across_processes(stats)
-  all_logits = _gather_rows(np.concatenate(logits))
+  # Rows of every process, back in the order one process would have made.
+  order = np.argsort(_gather_rows(mine))
+  all_logits = _gather_rows(np.concatenate(logits))[order]
   precision, recall = evaluation.precision_recall(
       reference.features, merged.features)
   metrics = {
@@ -161,8 +170,9 @@ def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
     metrics["classifier_accuracy"] = _sum_over_processes(correct) / len(
         class_ids)
   if real is not None:
-    metrics["cas"] = cas_score(np.concatenate(kept_images),
-                               np.concatenate(kept_labels), *real,
+    # Every process trains the same classifier on all the samples.
+    images = _gather_rows(np.concatenate(kept_images))[order]
+    metrics["cas"] = cas_score(images, class_ids, *real,
                                num_classes=pipe.num_classes, seed=seed,
                                num_steps=int(e.cas_train_steps))
   return metrics
@@ -193,12 +203,14 @@ def _real_held_out(config, data) -> Tuple[np.ndarray, np.ndarray]:
           np.concatenate([labels for _, labels in parts]))
 
 
-def _process_share(class_ids: np.ndarray, batch_size: int) -> np.ndarray:
-  """This process's whole batches of the class ids (round robin)."""
-  batches = [class_ids[i:i + batch_size]
-             for i in range(0, len(class_ids), batch_size)]
+def _process_share(num_samples: int, batch_size: int) -> np.ndarray:
+  """The sample positions in this process's whole batches (round robin:
+  process p takes batches p, p + P, p + 2P, ...)."""
+  positions = np.arange(num_samples)
+  batches = [positions[i:i + batch_size]
+             for i in range(0, num_samples, batch_size)]
   mine = batches[jax.process_index()::jax.process_count()]
-  return np.concatenate(mine) if mine else class_ids[:0]
+  return np.concatenate(mine) if mine else positions[:0]
 
 
 def _gather_rows(rows: np.ndarray) -> np.ndarray:
