@@ -157,3 +157,54 @@ def main_exit(*flag_args):
   finally:
     flags.FLAGS.unparse_flags()
   return stopped.value.code
+
+
+def install_fake_gcs(root):
+  """Routes gs:// paths (etils.epath, through fsspec, as on a machine
+  without TensorFlow) to folders under `root`: a local stand-in for an
+  object store. Returns a function that undoes it."""
+  import fsspec
+  from fsspec.implementations.local import LocalFileSystem
+  root = os.fspath(root)
+
+  class FakeGcs(LocalFileSystem):
+    protocol = ("gs", "gcs")
+    root_marker = ""
+
+    def __init__(self, *args, finalize_on_close=False, **kwargs):
+      del finalize_on_close  # A gcsfs option epath passes.
+      super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      path = os.fspath(path)
+      for scheme in ("gs://", "gcs://"):
+        if path.startswith(scheme):
+          path = path[len(scheme):]
+      return path if path.startswith(root) else os.path.join(root, path)
+
+    def unstrip_protocol(self, name):
+      return "gs://" + os.path.relpath(name, root)
+
+  registry = fsspec.registry
+  before = {p: registry.get(p) for p in FakeGcs.protocol}
+  for protocol in FakeGcs.protocol:
+    fsspec.register_implementation(protocol, FakeGcs, clobber=True)
+  _forget_epath_filesystems()
+
+  def uninstall():
+    # fsspec.registry is a read-only view; the module holds the dict.
+    registered = getattr(sys.modules["fsspec.registry"], "_registry")
+    for protocol, cls in before.items():
+      registered.pop(protocol, None)
+      if cls is not None:
+        fsspec.register_implementation(protocol, cls, clobber=True)
+    FakeGcs.clear_instance_cache()
+    _forget_epath_filesystems()
+  return uninstall
+
+
+def _forget_epath_filesystems():
+  """etils.epath caches the fsspec file system it made per scheme."""
+  from etils.epath import backend
+  backend.fsspec_backend._get_filesystem.cache_clear()

@@ -56,3 +56,66 @@ def test_workdir_paths_are_spelled_in_one_module(name):
       if file.endswith(".py") and pattern.search(open(path).read()):
         spelled.append(os.path.relpath(path, REPO))
   assert spelled == [os.path.join("maskgit_jax", "workdir.py")], spelled
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+  """gs:// routed to a local folder; the test runs in an empty cwd so a
+  stray local `gs:` folder would show."""
+  from helpers import install_fake_gcs
+  root = tmp_path / "object_store"
+  root.mkdir()
+  uninstall = install_fake_gcs(root)
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  yield root
+  uninstall()
+  assert not os.listdir(cwd), os.listdir(cwd)
+
+
+def test_a_gs_workdir_goes_through_the_path_layer(fake_bucket):
+  import json
+  import ml_collections
+  import numpy as np
+  from maskgit_jax import files
+  from maskgit_jax import workdir as workdir_lib
+  from maskgit_jax.evaluation import plot
+  from maskgit_jax.train import images, metrics_writer
+
+  run = workdir_lib.Workdir("gs://bucket/runs/a")
+  run.write_config(ml_collections.ConfigDict({"stage": "tokenizer"}))
+  writer = metrics_writer.MetricsWriter(run)
+  writer.write_scalars(1, {"loss": 2.0})
+  writer.write_scalars(2, {"loss": 1.5})
+  writer.close()
+  images.save_png(np.zeros((8, 8, 3), np.uint8),
+                  run.images / "samples.png")
+  files.write_json(run.eval_result("demo"), {"fid": 1.0})
+  plot.line_plot([1, 2], [3.0, 4.0], run.eval_result("demo", ".png"),
+                 xlabel="x", ylabel="y")
+
+  local = fake_bucket / "bucket" / "runs" / "a"
+  assert run.load_config().stage == "tokenizer"
+  assert [json.loads(line)["step"] for line in
+          (local / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+  assert os.listdir(local / "tensorboard")  # event files copied up
+  assert (local / "images" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+  assert json.loads((local / "eval" / "demo.json").read_text()) == {
+      "fid": 1.0}
+  assert (local / "eval" / "demo.png").exists()
+  # A writer reopened on the same run appends to what is there.
+  again = metrics_writer.MetricsWriter(run)
+  again.write_scalars(3, {"loss": 1.0})
+  again.close()
+  assert len((local / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_local_writes_leave_no_temporary_files(tmp_path):
+  from maskgit_jax import files
+  target = tmp_path / "deep" / "result.json"
+  files.write_json(target, {"a": 1})
+  files.write_json(target, {"a": 2})
+  assert os.listdir(tmp_path / "deep") == ["result.json"]
+  assert files.is_local(str(target)) and files.is_local("file:///x")
+  assert not files.is_local("gs://bucket/x")

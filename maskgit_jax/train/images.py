@@ -1,10 +1,9 @@
 """PNG grids: reconstructions next to originals, samples per class."""
 
-import os
-
+import jax
 import numpy as np
-from PIL import Image
 
+from maskgit_jax import files
 from maskgit_jax.evaluation.features import to_uint8
 
 
@@ -23,10 +22,10 @@ def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str) -> str:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(to_uint8(image)).save(tmp)
-  os.replace(tmp, path)
+  """Writes the PNG (a local path or a URL) on process 0 only: every
+  process of a job draws the same grid."""
+  if jax.process_index() == 0:
+    files.write_png(path, to_uint8(image))
   return path
 
 
@@ -44,8 +43,9 @@ def sample_grid(pipe, config, path: str) -> dict:
   from maskgit_jax.evaluation import generation
   s = config.sampling
   classes = np.repeat(np.arange(pipe.num_classes), s.samples_per_class)
+  # eval_batch_size even for a smaller grid: the eval job's program.
   batches = generation.generate_in_batches(
-      pipe, classes, batch_size=min(config.eval_batch_size, len(classes)),
+      pipe, classes, batch_size=config.eval_batch_size,
       seed=config.seed, sampling=dict(
           num_iter=s.num_iter, choice_temperature=s.choice_temperature,
           guidance_scale=s.guidance_scale))
