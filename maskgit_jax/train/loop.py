@@ -24,6 +24,7 @@ import tqdm
 
 from maskgit_jax import checkpoints
 from maskgit_jax import parallel
+from maskgit_jax import sharding
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.train import metrics_writer
 
@@ -158,7 +159,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(stage.init_state, rng)
-  state_shardings = parallel.fsdp_sharding(abstract, mesh)
+  state_shardings = sharding.state_shardings(
+      abstract, mesh, config.get("sharding_rules", ()))
   constants = jax.device_put(stage.constants, parallel.replicated(mesh))
 
   iterator = stage.make_iterator()
