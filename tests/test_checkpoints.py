@@ -20,7 +20,6 @@ import pytest
 import toy_stage as toy
 from maskgit_jax import checkpoint_damage
 from maskgit_jax import checkpoints
-from maskgit_jax.train import tokenizer_stage
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +233,3 @@ def test_verdicts_of_two_processes(checkpointer):
                      match=r"\(process 0\): Sampler in checkpoint"):
     act((checkpoints.INCOMPATIBLE, "Sampler in checkpoint does not match"),
         ok)
-
-
-def test_tokenize_with_several_processes_fails_early(monkeypatch, tmp_path):
-  """Until the token cache is written collectively, --mode=tokenize says
-  it runs as one process, before reading any checkpoint."""
-  monkeypatch.setattr(tokenizer_stage.jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match="tokenize runs as one process"):
-    tokenizer_stage.tokenize_mode(toy.make_config(), str(tmp_path))
