@@ -671,3 +671,27 @@ def test_num_views_and_bad_crop_counts():
       input_pipeline.num_views(bad, True)
   with pytest.raises(ValueError, match="flip=1"):
     input_pipeline.num_views(2, 1)
+
+
+def test_processes_building_one_dataset_at_once_build_it_once(tmp_path):
+  """Two processes of a job both find the local dataset missing: the file
+  lock lets one build it while the other waits, then both read it."""
+  import subprocess
+  import sys
+  import helpers
+  helpers.write_garments(str(tmp_path))
+  code = (
+      "import sys\n"
+      "from maskgit_jax import config_base\n"
+      "from maskgit_jax.data import sources\n"
+      "c = config_base.from_file('configs/vqgan_fashion_mnist.py', 'tiny')\n"
+      "c.data.source_dir, c.data.data_dir = sys.argv[1], sys.argv[2]\n"
+      "print('records', len(sources.build_source(c.data, 'train')))\n")
+  command = [sys.executable, "-c", code, str(tmp_path), str(tmp_path / "tfds")]
+  children = [subprocess.Popen(command, cwd=helpers.REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for _ in range(2)]
+  for child in children:
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-2000:]
+    assert f"records {helpers.NUM_TRAIN}" in out

@@ -31,6 +31,7 @@ The data config's keys are described in `data_config`.
 """
 
 import math
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import grain
@@ -171,16 +172,71 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+class GlobalBatchSampler:
+  """A grain sampler whose global batches do not depend on the process
+  count: the records of global batch j are the same whether one process
+  reads all of them or P processes read b = B / P rows each.
+
+  Global position g (row g % B of global batch g // B) holds record
+  perm_e[g % N] of epoch e = g // N (a seeded permutation per epoch), with
+  grain's per-record generator seeded by g. Process p reads rows
+  [p * b, (p + 1) * b) of every global batch. Grain asks a process for the
+  indices p, p + P, p + 2P, ..., shared round robin by its W workers, each
+  worker making whole batches of its own records; `__getitem__` maps such
+  an index back to its global position, so a 1-process and a P-process run
+  train on the same batches (same worker count per process).
+  """
+
+  def __init__(self, num_records: int, *, global_batch_size: int,
+               process_count: int, worker_count: int, seed: int):
+    self._num_records = num_records
+    self._process_count = process_count
+    self._local_batch = global_batch_size // process_count
+    self._global_batch = global_batch_size
+    self._workers = max(1, worker_count)
+    self._seed = seed
+    self._order = grain.MapDataset.range(num_records).shuffle(seed=seed)
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __repr__(self) -> str:
+    return (f"GlobalBatchSampler(num_records={self._num_records}, "
+            f"global_batch_size={self._global_batch}, "
+            f"process_count={self._process_count}, "
+            f"workers={self._workers}, seed={self._seed})")
+
+  def global_position(self, index: int) -> int:
+    process, local = index % self._process_count, index // self._process_count
+    worker, taken = local % self._workers, local // self._workers
+    batch_of_worker, row = divmod(taken, self._local_batch)
+    local_batch = batch_of_worker * self._workers + worker
+    return (local_batch * self._global_batch + process * self._local_batch
+            + row)
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if index < 0:
+      raise IndexError(f"index {index} < 0")
+    position = self.global_position(index)
+    rng = np.random.Generator(np.random.Philox(key=self._seed + position))
+    return grain.RecordMetadata(index=index,
+                                record_key=int(self._order[position]),
+                                rng=rng)
+
+
 def make_loader(source, transforms: Sequence[Any], *, global_batch_size: int,
                 seed: int, shuffle: bool, num_epochs: Optional[int],
                 drop_remainder: bool, process_index: Optional[int] = None,
                 process_count: Optional[int] = None, worker_count: int = 0,
                 worker_buffer_size: int = 2, read_threads: int = 4,
                 prefetch_buffer_size: int = 64) -> grain.DataLoader:
-  """A grain DataLoader over this process's shard of `source`, batched.
+  """A grain DataLoader over this process's share of `source`, batched.
 
-  Processes default to jax's; each reads a disjoint, contiguous part of the
-  records (equal parts when `drop_remainder`), shuffled within that part.
+  Processes default to jax's. Shuffled endless training streams
+  (`shuffle`, `drop_remainder`, no `num_epochs`) use `GlobalBatchSampler`:
+  the global batches are the same for any number of processes. One-pass
+  streams give each process a disjoint, contiguous part of the records
+  (equal parts when `drop_remainder`), shuffled within it when `shuffle`.
   """
   if process_index is None:
     process_index = jax.process_index()
@@ -197,9 +253,14 @@ def make_loader(source, transforms: Sequence[Any], *, global_batch_size: int,
   if len(source) < process_count:
     raise ValueError(f"{len(source)} records cannot be shared by "
                      f"{process_count} processes.")
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard, shuffle=shuffle,
-      num_epochs=num_epochs, seed=seed)
+  if shuffle and drop_remainder and num_epochs is None:
+    sampler = GlobalBatchSampler(
+        len(source), global_batch_size=global_batch_size,
+        process_count=process_count, worker_count=worker_count, seed=seed)
+  else:
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shard_options=shard, shuffle=shuffle,
+        num_epochs=num_epochs, seed=seed)
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[*transforms, grain.transforms.Batch(batch_size,

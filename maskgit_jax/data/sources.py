@@ -19,8 +19,8 @@
 
   (that step may need TensorFlow installed; reading afterwards does not).
 
-Several hosts sharing one data_dir: build on one process first (`prepare`
-on process 0, then a barrier), as concurrent builds of one dataset race.
+The local datasets are built under a file lock in the data_dir, so the
+processes of a multi-process job build one once (the others wait for it).
 """
 
 import os
@@ -70,8 +70,7 @@ def prepare(data_config: config_dict.ConfigDict) -> tfds.core.DatasetBuilder:
   if builder.is_prepared():
     return builder
   if data_config.name in LOCAL_SOURCES:
-    builder.download_and_prepare(file_format="array_record")
-    return builder
+    return _build_once(data_config, builder)
   name = data_config.name
   raise FileNotFoundError(
       f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}. "
@@ -79,6 +78,26 @@ def prepare(data_config: config_dict.ConfigDict) -> tfds.core.DatasetBuilder:
       f"--file_format=array_record --data_dir={builder.data_dir_root} "
       "[--manual_dir=DIR for datasets whose files must be downloaded by hand, "
       "such as imagenet2012].")
+
+
+def _build_once(data_config: config_dict.ConfigDict,
+                builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+  """Builds a local dataset under a file lock in its data_dir, so that the
+  processes of one machine (or of several sharing a disk) build it once:
+  the first builds, the others wait and then read it."""
+  import fcntl  # POSIX only, like the rest of the local pipelines.
+  root = os.fspath(builder.data_dir_root)
+  os.makedirs(root, exist_ok=True)
+  lock_file = os.path.join(root, f".{data_config.name}.build.lock")
+  with open(lock_file, "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = make_builder(data_config)  # Another may have built it.
+      if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return make_builder(data_config)
 
 
 def build_source(data_config: config_dict.ConfigDict, split: str):
