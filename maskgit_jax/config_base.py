@@ -36,6 +36,7 @@ def _common(stage: str) -> ml_collections.ConfigDict:
   c.seed = 42
   c.num_train_steps = 1000
   c.batch_size = 64                 # global, over all processes
+  c.grad_accum_steps = 1            # micro-batches per step (accumulation)
   c.eval_batch_size = 64
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
@@ -44,8 +45,20 @@ def _common(stage: str) -> ml_collections.ConfigDict:
   c.dtype = "float32"               # compute dtype; parameters stay float32
   c.ema_decay = 0.999
   # Mesh axis sizes; -1 = all remaining devices. The batch is split over
-  # `data` x `fsdp`; parameters are sharded over `fsdp`.
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  # `data` x `fsdp`; parameters are sharded over `fsdp` and `model` by
+  # `sharding_rules`.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  # Logical axis -> mesh axis (None: replicated), tried in order, a repeated
+  # name being a fallback (maskgit_jax/sharding.py). FSDP splits each large
+  # parameter's largest dimension over `fsdp`; tensor parallelism splits
+  # the transformer's heads and MLP hidden dimension over `model`.
+  c.sharding_rules = (
+      ("heads", "model"), ("mlp", "model"), ("mlp", "fsdp"),
+      ("embed", "fsdp"), ("conv_in", "fsdp"), ("conv_out", "fsdp"),
+      ("dense_in", "fsdp"), ("dense_out", "fsdp"), ("codes", "fsdp"),
+      ("code_dim", "fsdp"), ("vocab", None), ("positions", None),
+      ("qkv", None), ("kv", None), ("norm", None), ("conv_height", None),
+      ("conv_width", None))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
       warmup_steps=0, schedule="constant", grad_clip_norm=0.0))

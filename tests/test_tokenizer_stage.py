@@ -165,3 +165,105 @@ def test_tokenize_encodes_both_flips(tokenizer_workdir):
   assert not np.array_equal(source.tokens[:, 0], source.tokens[:, 1])
   assert sorted(np.asarray(source.labels).tolist()) == sorted(
       garments(NUM_TRAIN, 0)[1].tolist())
+
+
+# ------------------------------------------------- gradient accumulation
+
+
+def tokenizer_step(config, lpips_params=None, **overrides):
+  """(jitted step: (state, batch) -> (state, metrics), initial state) of
+  `config` updated with `overrides`; LPIPS on when lpips_params are given."""
+  config = config.copy_and_resolve_references()
+  config.update(overrides)
+  model, disc = build.tokenizer(config), build.discriminator(config)
+  txs = tokenizer_stage.build_optimizers(config)
+  lpips = None
+  if lpips_params is not None:
+    from maskgit_jax.models import perceptual
+    lpips = perceptual.LPIPS()
+
+  def step(state, batch, params):
+    fn = None if lpips is None else (
+        lambda x, y: lpips.apply({"params": params}, x, y))
+    return tokenizer_stage.train_step(config, model, disc, txs, fn, state,
+                                      batch)
+
+  state = jax.jit(lambda rng: tokenizer_stage.init_state(
+      config, model, disc, txs, rng))(jax.random.key(0))
+  jitted = jax.jit(step)
+  return (lambda s, b: jitted(s, b, lpips_params)), state
+
+
+@pytest.mark.slow  # LPIPS (VGG16) and R1 on 16 images, twice
+def test_four_micro_batches_take_the_large_batch_tokenizer_step():
+  """The tiny config (LPIPS and the GAN on) with the discriminator playing
+  from step 0: grad_accum_steps=4 on batch 16 gives both players the step
+  of one batch of 16. The entropy loss is off: its entropy of the mean code
+  distribution is a batch statistic, taken per micro-batch."""
+  from maskgit_jax.models import perceptual
+  config = load_config("vqgan_fashion_mnist")
+  config.losses.discriminator_start_step = 0
+  config.vqgan.entropy_loss_ratio = 0.0
+  config.batch_size = 16
+  assert tokenizer_stage.uses_gan(config)
+  assert config.losses.perceptual_weight > 0
+  params = perceptual.load_lpips_params()
+  batch = garment_batch(16, seed=3)
+  step, state = tokenizer_step(config, params)
+  large, large_metrics = step(state, batch)
+  step, _ = tokenizer_step(config, params, grad_accum_steps=4)
+  accumulated, metrics = step(state, batch)
+
+  assert float(large_metrics["r1_penalty"]) > 0  # the GAN is on
+  assert float(large_metrics["perceptual_loss"]) > 0
+  for key, value in large_metrics.items():
+    if key == "code_counts":  # over the whole batch
+      assert int(np.sum(value)) == 16 * 8 * 8
+      np.testing.assert_array_equal(metrics[key], value)
+    else:
+      np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6,
+                                 err_msg=key)
+  for part in ("generator", "discriminator"):
+    assert int(accumulated[part].step) == 1
+    for name in ("opt_state", "params"):
+      for a, b in zip(jax.tree.leaves(getattr(accumulated[part], name)),
+                      jax.tree.leaves(getattr(large[part], name)),
+                      strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=1e-6, err_msg=f"{part} {name}")
+
+
+@pytest.mark.parametrize("steps, batch_size, match", [
+    (0, 8, r"grad_accum_steps=0; valid: an integer >= 1"),
+    (3, 8, r"batch_size=8 is not divisible by config\.grad_accum_steps=3"),
+])
+def test_bad_grad_accum_steps_is_refused_by_the_tokenizer(steps, batch_size,
+                                                          match):
+  config = load_config("vqgan_fashion_mnist")
+  config.update(grad_accum_steps=steps, batch_size=batch_size)
+  with pytest.raises(ValueError, match=match):
+    tokenizer_stage.validate(config)
+
+
+# ---------------------------------------------------- bfloat16 compute
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_trains_the_tokenizer_with_float32_state():
+  """config.dtype="bfloat16", the GAN playing from step 3: the loss falls
+  over 20 steps on a fixed batch while parameters, optimizer state, EMA and
+  the losses stay float32."""
+  step, state = tokenizer_step(gan_config(), dtype="bfloat16")
+  batch = garment_batch(8, seed=3)
+  losses = []
+  for _ in range(20):
+    state, metrics = step(state, batch)
+    assert metrics["loss"].dtype == metrics["r1_penalty"].dtype == jnp.float32
+    losses.append(float(metrics["loss"]))
+  assert float(metrics["discriminator_loss"]) > 0  # the GAN played
+  assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+  for part in state.values():
+    for tree in (part.params, part.opt_state, part.ema_params):
+      assert {leaf.dtype for leaf in jax.tree.leaves(tree)
+              if jnp.issubdtype(leaf.dtype, jnp.floating)} == {
+                  jnp.dtype(jnp.float32)}

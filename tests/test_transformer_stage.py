@@ -182,3 +182,124 @@ def test_sample_mode_writes_a_grid(pipe, tokenizer_workdir,
   from PIL import Image
   grid = np.asarray(Image.open(path))
   assert grid.shape[0] > 10 * 32  # one row per class
+
+
+# ------------------------------------------------- gradient accumulation
+
+
+def accumulation_setup(label_smoothing=0.0):
+  """Batch 16, no dropout (so micro-batches draw nothing of their own) and
+  no warm-up (so the first step moves the parameters)."""
+  config = load_config("maskgit_fashion_mnist")
+  config.transformer.update(dropout_rate=0.0, attention_dropout_rate=0.0)
+  config.optimizer.warmup_steps = 0
+  config.label_smoothing = label_smoothing
+  model = build.transformer(config, 16, 16)
+  tx = transformer_stage.build_optimizer(config)
+  labels = np.arange(16, dtype=np.int32) % 10
+  tokens = (labels[:, None] * 3 + np.arange(16)[None, :] ** 2) % 16
+  batch = {"tokens": tokens.astype(np.int32), "label": labels}
+  return config, model, tx, batch
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=atol)
+
+
+def accumulated_step(config, model, tx, steps, **jit_kwargs):
+  """The jitted train step with config.grad_accum_steps = steps."""
+  config = config.copy_and_resolve_references()
+  config.grad_accum_steps = steps
+  return jax.jit(lambda s, b: transformer_stage.train_step(config, model, tx,
+                                                           s, b), **jit_kwargs)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_four_micro_batches_take_the_large_batch_step(label_smoothing):
+  """grad_accum_steps=4 on batch 16 gives the step of one batch of 16: the
+  masks and label dropout are drawn for the whole batch, and the loss is
+  the whole batch's masked mean."""
+  config, model, tx, batch = accumulation_setup(label_smoothing)
+  state = init_state(model, tx)
+  large, large_metrics = accumulated_step(config, model, tx, 1)(state, batch)
+  accumulated, metrics = accumulated_step(config, model, tx, 4)(state, batch)
+  for key in ("loss", "masked_accuracy", "mask_ratio", "grad_norm",
+              "skipped_updates"):
+    np.testing.assert_allclose(metrics[key], large_metrics[key], rtol=1e-5,
+                               atol=1e-6, err_msg=key)
+  assert_trees_close(accumulated.opt_state, large.opt_state)
+  assert_trees_close(accumulated.params, large.params)
+  assert int(accumulated.step) == 1
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(large.params), jax.tree.leaves(state.params)))
+  assert moved > 1e-4  # the compared update is not empty
+
+
+@pytest.mark.slow
+def test_micro_batches_on_eight_devices_take_the_large_batch_step():
+  """Sharded over 8 data-parallel devices, 2 micro-batches of 8 (each
+  spanning every device) give the single-device step of one batch of 16."""
+  config, model, tx, batch = accumulation_setup()
+  state = init_state(model, tx)
+  large, large_metrics = accumulated_step(config, model, tx, 1)(state, batch)
+  mesh = parallel.create_mesh({"data": 8})
+  replicated = parallel.fsdp_sharding(state, mesh)
+  step = accumulated_step(
+      config, model, tx, 2,
+      in_shardings=(replicated, parallel.batch_sharding(mesh)),
+      out_shardings=(replicated, parallel.replicated(mesh)))
+  with jax.set_mesh(mesh):
+    sharded, metrics = step(jax.device_put(state, replicated),
+                            parallel.global_batch(batch, mesh))
+  np.testing.assert_allclose(metrics["loss"], large_metrics["loss"],
+                             rtol=1e-5)
+  assert_trees_close(sharded.opt_state, large.opt_state, rtol=1e-4)
+  assert_trees_close(sharded.params, large.params, rtol=1e-4)
+
+
+@pytest.mark.parametrize("steps, batch_size, match", [
+    (0, 8, r"grad_accum_steps=0; valid: an integer >= 1"),
+    (3, 8, r"batch_size=8 is not divisible by config\.grad_accum_steps=3"),
+])
+def test_bad_grad_accum_steps_is_refused(steps, batch_size, match):
+  config = load_config("maskgit_fashion_mnist")
+  config.update(grad_accum_steps=steps, batch_size=batch_size)
+  with pytest.raises(ValueError, match=match):
+    transformer_stage.validate(config)
+
+
+# ---------------------------------------------------- bfloat16 compute
+
+
+def float_dtypes(tree):
+  return {leaf.dtype for leaf in jax.tree.leaves(tree)
+          if jnp.issubdtype(leaf.dtype, jnp.floating)}
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_trains_with_float32_state():
+  """config.dtype="bfloat16": the loss falls over 25 steps on a fixed batch
+  while parameters, optimizer state, EMA and the loss stay float32."""
+  config, _, _, batch = tiny_transformer_setup(dtype="bfloat16",
+                                               label_smoothing=0.0)
+  config.transformer.update(hidden_size=64, num_layers=2, num_heads=4,
+                            mlp_dim=128, dropout_rate=0.0,
+                            attention_dropout_rate=0.0)
+  config.optimizer.update(learning_rate=3e-3, warmup_steps=0,
+                          schedule="constant", weight_decay=0.0)
+  model = build.transformer(config, 16, 16)
+  assert model.dtype == jnp.bfloat16
+  tx = transformer_stage.build_optimizer(config)
+  state = init_state(model, tx)
+  step = jax.jit(lambda s, b: transformer_stage.train_step(config, model, tx,
+                                                           s, b))
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch)
+    assert metrics["loss"].dtype == jnp.float32
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+  for part in (state.params, state.opt_state, state.ema_params):
+    assert float_dtypes(part) == {jnp.dtype(jnp.float32)}

@@ -25,6 +25,7 @@ from maskgit_jax.data import input_pipeline
 from maskgit_jax.models import build
 from maskgit_jax.models import discriminator as discriminator_lib
 from maskgit_jax.models import vqgan as vqgan_lib
+from maskgit_jax.train import accumulate
 from maskgit_jax.train import images as images_lib
 from maskgit_jax.train import loop
 from maskgit_jax.train import optimizers
@@ -46,6 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"losses.reconstruction={config.losses.reconstruction!r}; valid: "
         f"{sorted(RECONSTRUCTION)}.")
+  accumulate.validate(config.grad_accum_steps, config.batch_size)
   if int(config.codebook_usage_window) < 1:
     raise ValueError("codebook_usage_window must be >= 1 step, got "
                      f"{config.codebook_usage_window}.")
@@ -92,14 +94,21 @@ def train_step(config: ml_collections.ConfigDict, model: vqgan_lib.VQGAN,
                perceptual: Optional[PerceptualFn],
                state: Dict[str, state_lib.TrainState],
                batch: Dict[str, jnp.ndarray]):
-  """One generator and one discriminator update on {"image": [B,H,W,3]}."""
+  """One generator and one discriminator update on {"image": [B,H,W,3]}.
+
+  With config.grad_accum_steps = K > 1 each player's gradients and losses
+  are averaged over K micro-batches (accumulate.py); the reconstructions
+  and code indices are kept for the whole batch, for the discriminator's
+  fakes, PSNR and the code histogram.
+  """
   g_state, d_state = state["generator"], state["discriminator"]
   cfg = config.losses
+  steps = config.grad_accum_steps
   images = batch["image"].astype(jnp.float32)
   gan_on = (g_state.step >= cfg.discriminator_start_step).astype(jnp.float32)
   reconstruction_loss = RECONSTRUCTION[cfg.reconstruction]
 
-  def generator_loss(g_params):
+  def generator_loss(g_params, images):
     recon, indices, q_losses = model.apply({"params": g_params}, images,
                                            train=True)
     terms = dict(q_losses)
@@ -120,11 +129,17 @@ def train_step(config: ml_collections.ConfigDict, model: vqgan_lib.VQGAN,
              terms["generator_adversarial_loss"])
     return total, (recon, indices, terms)
 
-  (g_total, (recon, indices, terms)), g_grads = jax.value_and_grad(
-      generator_loss, has_aux=True)(g_state.params)
+  def generator_micro_step(micro, _):
+    (total, (recon, indices, terms)), grads = jax.value_and_grad(
+        generator_loss, has_aux=True)(g_state.params, micro["image"])
+    return (total, grads, terms), (recon, indices)
+
+  (g_total, g_grads, terms), (recon, indices) = (
+      accumulate.mean_over_microbatches(generator_micro_step,
+                                        {"image": images}, steps))
   fake = jax.lax.stop_gradient(recon)
 
-  def discriminator_loss(d_params):
+  def discriminator_loss(d_params, images, fake):
     apply = lambda x: disc.apply({"params": d_params}, x)
     adversarial = losses.discriminator_loss(apply(images), apply(fake),
                                             cfg.gan_loss)
@@ -132,8 +147,15 @@ def train_step(config: ml_collections.ConfigDict, model: vqgan_lib.VQGAN,
     return adversarial + cfg.r1_weight * r1, (adversarial, r1)
 
   def discriminator_update(d_state):
-    (d_total, (d_adversarial, r1)), d_grads = jax.value_and_grad(
-        discriminator_loss, has_aux=True)(d_state.params)
+    def micro_step(micro, _):
+      (total, aux), grads = jax.value_and_grad(
+          discriminator_loss, has_aux=True)(d_state.params, micro["image"],
+                                            micro["fake"])
+      return (total, aux, grads), None
+
+    (d_total, (d_adversarial, r1), d_grads), _ = (
+        accumulate.mean_over_microbatches(
+            micro_step, {"image": images, "fake": fake}, steps))
     new_d_state = d_state.apply_gradients(d_grads, txs["discriminator"], 0.0)
     d_skipped = jnp.zeros((), jnp.float32)
     if config.on_nonfinite == "skip":
@@ -174,6 +196,37 @@ def train_step(config: ml_collections.ConfigDict, model: vqgan_lib.VQGAN,
   return new_state, metrics
 
 
+def step_functions(config: ml_collections.ConfigDict):
+  """(init_state, train_step, batch shapes) without data or LPIPS weights.
+
+  init_state(rng) -> state and train_step(state, batch, lpips_params) ->
+  (state, metrics) are what `make_stage` gives the loop; `lpips_params`
+  (the loop's constants) are the frozen LPIPS weights when
+  losses.perceptual_weight > 0, else None. The global batch is described
+  as ShapeDtypeStructs {"image": float32 [B, S, S, 3], "label": int32 [B]}.
+  `tools.plan` compiles these on a virtual mesh.
+  """
+  model = build.tokenizer(config)
+  disc = build.discriminator(config)
+  txs = build_optimizers(config)
+  lpips = None
+  if config.losses.perceptual_weight > 0:
+    from maskgit_jax.models import perceptual
+    lpips = perceptual.LPIPS()
+
+  def step(state, batch, lpips_params):
+    fn = None if lpips is None else (
+        lambda x, y: lpips.apply({"params": lpips_params}, x, y))
+    return train_step(config, model, disc, txs, fn, state, batch)
+
+  size, side = config.batch_size, config.data.image_size
+  batch_shapes = {"image": jax.ShapeDtypeStruct((size, side, side, 3),
+                                                jnp.float32),
+                  "label": jax.ShapeDtypeStruct((size,), jnp.int32)}
+  return (lambda rng: init_state(config, model, disc, txs, rng), step,
+          batch_shapes)
+
+
 class CodebookUsage:
   """Codebook usage and perplexity over the last `window` training steps.
 
@@ -200,20 +253,11 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
   """The tokenizer's modules, step, data and evaluation for the loop."""
   validate(config)
   run = workdir_lib.Workdir(workdir)
-  model = build.tokenizer(config)
-  disc = build.discriminator(config)
-  txs = build_optimizers(config)
-  perceptual_params = perceptual_fn = None
+  init_fn, step, _ = step_functions(config)
+  perceptual_params = None
   if config.losses.perceptual_weight > 0:
     from maskgit_jax.models import perceptual
     perceptual_params = perceptual.load_lpips_params()
-    lpips = perceptual.LPIPS()
-    perceptual_fn = lambda p, x, y: lpips.apply({"params": p}, x, y)
-
-  def step(state, batch, lpips_params):
-    fn = (None if perceptual_fn is None else
-          functools.partial(perceptual_fn, lpips_params))
-    return train_step(config, model, disc, txs, fn, state, batch)
 
   eval_batch = next(input_pipeline.make_image_iterator(
       config.data, split=config.data.eval_split,
@@ -231,7 +275,7 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     return {"eval_psnr": float(np.mean(losses.psnr(recon, eval_batch)))}
 
   return loop.Stage(
-      init_state=lambda rng: init_state(config, model, disc, txs, rng),
+      init_state=init_fn,
       train_step=step,
       make_iterator=lambda: input_pipeline.make_image_iterator(
           config.data, split=config.data.train_split,
@@ -247,18 +291,27 @@ def tokenize_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   into the token cache stage 2 reads; see `token_cache`.
 
   As in `evaluate_mode`, the model comes from the workdir and the data (and
-  the views) from this run's config.
+  the views) from this run's config. In a job of several processes each
+  encodes its share of the records on its own devices (every encoder batch
+  split over them when it divides evenly) and process 0 assembles the one
+  cache.
   """
+  from maskgit_jax.evaluation import generation
   from maskgit_jax.train import token_cache
-  if jax.process_count() > 1:  # Each process would write the whole cache.
-    raise ValueError(
-        f"--mode=tokenize runs as one process for now; this job has "
-        f"{jax.process_count()}. Run it once without the multi-process "
-        "launcher (e.g. `python -m maskgit_jax.main --mode=tokenize ...`).")
+  sharding = generation.local_batch_sharding(
+      token_cache.encoder_batch_size(config))  # Checks config.tokenize.
   run = workdir_lib.Workdir(workdir)
-  _, model, params = run.load_tokenizer()
+  _, model, params = run.load_tokenizer()  # On this process's first device.
+  if sharding is not None:
+    params = jax.device_put(params, jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec()))
   encode_fn = jax.jit(lambda p, x: model.apply(
       {"params": p}, x, method=model.encode_to_indices))
+
+  def encode(images: np.ndarray) -> jax.Array:
+    if sharding is not None:
+      images = jax.device_put(images, sharding)
+    return encode_fn(params, images)
+
   return token_cache.write_token_cache(
-      config, lambda images: encode_fn(params, images),
-      os.fspath(run.token_cache), int(model.codebook_size))
+      config, encode, os.fspath(run.token_cache), int(model.codebook_size))

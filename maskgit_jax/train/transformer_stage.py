@@ -22,6 +22,7 @@ from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.data import tokens as tokens_lib
 from maskgit_jax.models import build
 from maskgit_jax.models import transformer as transformer_lib
+from maskgit_jax.train import accumulate
 from maskgit_jax.train import images as images_lib
 from maskgit_jax.train import loop
 from maskgit_jax.train import optimizers
@@ -31,6 +32,7 @@ from maskgit_jax.train import state as state_lib
 def validate(config: ml_collections.ConfigDict) -> None:
   """Stage-2 checks, before anything is compiled."""
   schedules.validate(config.mask_schedule)
+  accumulate.validate(config.grad_accum_steps, config.batch_size)
   if not config.tokenizer_workdir:
     raise ValueError("config.tokenizer_workdir is empty: name the workdir "
                      "of a trained tokenizer.")
@@ -79,12 +81,23 @@ def model_inputs(rng: jax.Array, tokens: jnp.ndarray, labels: jnp.ndarray,
   return jnp.concatenate([class_ids[:, None], masked], axis=1), mask
 
 
+def _examples_with_masks(mask: jnp.ndarray) -> jnp.ndarray:
+  """How many rows of mask [B, N] hide at least one token (float32)."""
+  return jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32))
+
+
 def train_step(config: ml_collections.ConfigDict,
                model: transformer_lib.MaskGITTransformer, tx,
                state: state_lib.TrainState,
                batch: Dict[str, jnp.ndarray]
                ) -> Tuple[state_lib.TrainState, Dict[str, jnp.ndarray]]:
-  """One optimizer step on a batch {"tokens": [B, N], "label": [B]}."""
+  """One optimizer step on a batch {"tokens": [B, N], "label": [B]}.
+
+  Masks and label dropout are drawn for the whole batch; with
+  config.grad_accum_steps = K > 1 the gradients are then accumulated over K
+  micro-batches (accumulate.py), each with its own dropout key.
+  """
+  steps = config.grad_accum_steps
   rng = state_lib.step_rng(state.rng, state.step)
   input_rng, dropout_rng = jax.random.split(rng)
   tokens = batch["tokens"].reshape(batch["tokens"].shape[0], -1)
@@ -92,17 +105,34 @@ def train_step(config: ml_collections.ConfigDict,
   inputs, mask = model_inputs(input_rng, tokens, batch["label"],
                               model.codebook_size, config.mask_schedule,
                               config.label_dropout)
+  # The loss is a mean over the examples that hide a token (all of them in
+  # training): a micro-batch's share of it is its own such mean, weighted
+  # by its part of their count.
+  examples = (None if steps == 1 else
+              jnp.maximum(_examples_with_masks(mask), 1.0))
 
-  def loss_fn(params):
-    logits = model.apply({"params": params}, inputs, deterministic=False,
-                         rngs={"dropout": dropout_rng})
-    logits = logits[:, 1:, :model.codebook_size]
-    loss = losses.masked_cross_entropy(logits, tokens, mask,
-                                       config.label_smoothing)
-    return loss, logits
+  def micro_step(micro, micro_rng):
+    share = (None if examples is None else
+             _examples_with_masks(micro["mask"]) / examples)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+    def loss_fn(params):
+      logits = model.apply({"params": params}, micro["inputs"],
+                           deterministic=False, rngs={"dropout": micro_rng})
+      logits = logits[:, 1:, :model.codebook_size]
+      loss = losses.masked_cross_entropy(logits, micro["tokens"],
+                                         micro["mask"], config.label_smoothing)
+      return (loss if share is None else share * loss), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    accuracy = losses.masked_accuracy(logits, micro["tokens"], micro["mask"])
+    if share is not None:
+      accuracy = share * accuracy
+    return (loss, grads, accuracy), None
+
+  (loss, grads, accuracy), _ = accumulate.sum_over_microbatches(
+      micro_step, {"inputs": inputs, "tokens": tokens, "mask": mask}, steps,
+      dropout_rng)
   new_state = state.apply_gradients(grads, tx, config.ema_decay)
   skipped = jnp.zeros((), jnp.float32)
   if config.on_nonfinite == "skip":
@@ -110,12 +140,32 @@ def train_step(config: ml_collections.ConfigDict,
                                                   state)
   metrics = {
       "loss": loss,
-      "masked_accuracy": losses.masked_accuracy(logits, tokens, mask),
+      "masked_accuracy": accuracy,
       "mask_ratio": jnp.mean(mask),
       "grad_norm": optax.tree.norm(grads),
       "skipped_updates": skipped,
   }
   return new_state, metrics
+
+
+def step_functions(config: ml_collections.ConfigDict, codebook_size: int,
+                   num_tokens: int):
+  """(init_state, train_step, batch shapes) for a token grid, without data.
+
+  init_state(rng) -> state and train_step(state, batch, constants) ->
+  (state, metrics) are what `make_stage` gives the loop; the global batch
+  is described as ShapeDtypeStructs {"tokens": int32 [B, N], "label":
+  int32 [B]}. `tools.plan` compiles these on a virtual mesh.
+  """
+  model = build.transformer(config, codebook_size, num_tokens)
+  tx = build_optimizer(config)
+  size = config.batch_size
+  batch_shapes = {"tokens": jax.ShapeDtypeStruct((size, num_tokens),
+                                                 jnp.int32),
+                  "label": jax.ShapeDtypeStruct((size,), jnp.int32)}
+  return (lambda rng: init_state(model, tx, rng),
+          lambda state, batch, _: train_step(config, model, tx, state, batch),
+          batch_shapes)
 
 
 def tokenize_command(config: ml_collections.ConfigDict) -> str:
@@ -137,8 +187,7 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     raise ValueError(f"The token dataset has {meta['num_classes']} classes but "
                      f"config.num_classes={config.num_classes}.")
   height, width = source.token_shape
-  model = build.transformer(config, codebook_size, height * width)
-  tx = build_optimizer(config)
+  init_fn, step_fn, _ = step_functions(config, codebook_size, height * width)
 
   tokenizer_weights = []  # read from the tokenizer workdir once, when needed
 
@@ -159,9 +208,8 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         pipe, config, str(run.images / f"samples_{step:08d}.png"))
 
   return loop.Stage(
-      init_state=lambda rng: init_state(model, tx, rng),
-      train_step=lambda state, batch, _: train_step(config, model, tx, state,
-                                                    batch),
+      init_state=init_fn,
+      train_step=step_fn,
       make_iterator=lambda: tokens_lib.make_token_iterator(
           token_dir, global_batch_size=config.batch_size, seed=config.seed,
           missing_hint=hint),
