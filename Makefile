@@ -32,8 +32,10 @@ $(STAMP): $(VPY) setup.py
 	$(VPY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# Two workers: the suite is mostly XLA compiles, which use one core each.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 # Trains both stages on Fashion-MNIST and writes samples.png,
 # reconstructions.png and metrics.json into $(DEMO_OUT).

@@ -191,6 +191,12 @@ class Checkpointer:
               ) -> Tuple[Optional[int], Any]:
     """Restores the newest readable checkpoint (or `step`).
 
+    The data position is one grain state per process. When the checkpoint
+    was written by another number of processes, an iterator with `seek`
+    (input_pipeline.GlobalBatchIterator, whose position means the same for
+    any process count) is moved to the checkpoint's step, one global batch
+    per step; any other iterator makes that an IncompatibleCheckpointError.
+
     A damaged checkpoint (`is_damage`: files missing or truncated, metadata
     unreadable, stored bytes failing their checksum) is reported by a warning
     naming it, and the next older one is tried. Any other failure raises
@@ -217,15 +223,18 @@ class Checkpointer:
     initial_position = (data_iterator.get_state()
                         if data_iterator is not None and steps else None)
     for candidate in steps:
+      seek = (data_iterator is not None and hasattr(data_iterator, "seek")
+              and not self._same_process_count(candidate))
       self._check_compatible(candidate, abstract_state,
-                             with_data=data_iterator is not None)
+                             with_data=data_iterator is not None and not seek)
       items = {STATE: ocp.args.PyTreeRestore(
           item=abstract_state, partial_restore=partial,
           restore_args=ocp.checkpoint_utils.construct_restore_args(
               abstract_state))}
       # Imported weights (tools/import_official) carry no data position:
       # such a run starts its data from the beginning.
-      if data_iterator is not None and self._has_data(candidate):
+      if (data_iterator is not None and self._has_data(candidate) and
+          not seek):
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
       error, restored = None, None
       try:
@@ -235,6 +244,12 @@ class Checkpointer:
       verdict, reason = self._verdict(candidate, error, tuple(items))
       reason = self._act_on(candidate, agree(verdict, reason), error)
       if reason is None:
+        if seek:
+          data_iterator.seek(candidate)
+          logging.warning("Checkpoint %s/%d was written by another number of "
+                          "processes; the data continues after its %d "
+                          "global batches.", self.directory, candidate,
+                          candidate)
         if set_aside_damaged:
           self._set_aside([s for s, _ in damaged])
         return candidate, restored[STATE]
@@ -329,14 +344,23 @@ class Checkpointer:
           f"Checkpoint {self.directory}/{step} was written for another "
           f"config: {'; '.join(mismatches[:4])}. {_KEEP_ADVICE}")
 
-  def _check_process_count(self, step: int) -> None:
-    """A data position saved by another number of processes is not damage:
-    grain keeps one file per process (process_<i>-of-<n>.json)."""
+  def _process_counts(self, step: int) -> set:
+    """The process counts of the data positions `step` holds: grain keeps
+    one file per process (process_<i>-of-<n>.json)."""
     data = epath.Path(self.directory) / str(step) / DATA
-    counts = {match.group(1) for match in (
+    return {match.group(1) for match in (
         re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name)
         for path in (data.glob("process_*.json") if data.exists() else []))
-              if match}
+            if match}
+
+  def _same_process_count(self, step: int) -> bool:
+    counts = self._process_counts(step)
+    return not counts or str(jax.process_count()) in counts
+
+  def _check_process_count(self, step: int) -> None:
+    """A data position saved by another number of processes is not damage:
+    without a way to carry it over it is an incompatible checkpoint."""
+    counts = self._process_counts(step)
     if counts and str(jax.process_count()) not in counts:
       raise IncompatibleCheckpointError(
           f"Checkpoint {self.directory}/{step} holds the data position of "

@@ -10,6 +10,11 @@ compiles faster still but runs ten times slower). The HLO passes are the
 same. Set --xla_backend_optimization_level in XLA_FLAGS to override it;
 `helpers.run_main` passes it on to the entry point's processes.
 
+Many tests (and the entry-point processes they start) compile the same
+programs again; a persistent compilation cache, fresh for each session and
+removed at its end, lets every program after the first load from disk.
+Set JAX_COMPILATION_CACHE_DIR to keep (or to share) one instead.
+
 Below that, the session's shared trained workdirs: each stage is trained
 once, end to end through `python -m maskgit_jax.main` on its tiny config,
 and every test that only reads a trained run uses these.
@@ -22,6 +27,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  _CACHE = tempfile.mkdtemp(prefix="maskgit_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import types  # pylint: disable=g-import-not-at-top,wrong-import-position
 

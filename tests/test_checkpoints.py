@@ -15,6 +15,7 @@ import re
 import shutil
 
 import jax
+import numpy as np
 import pytest
 
 import toy_stage as toy
@@ -164,25 +165,64 @@ def test_a_missing_data_position_is_no_damage_when_not_read(trained,
                                items=(checkpoints.STATE,)) is None
 
 
-def test_data_position_of_another_process_count_is_incompatible(trained,
-                                                                tmp_path):
-  """Positions saved by 2 processes, restored by 1: not damage (a file for
-  this process count is missing because the job changed), so an
-  IncompatibleCheckpointError and nothing moved."""
-  workdir = str(tmp_path / "run")
-  shutil.copytree(trained, workdir)
+def _as_two_processes(workdir):
+  """Rewrites the data positions as if 2 processes had written them."""
   for step in ("2", "4"):
     data = os.path.join(workdir, "checkpoints", step, "data")
     os.rename(os.path.join(data, "process_0-of-1.json"),
               os.path.join(data, "process_0-of-2.json"))
     shutil.copy(os.path.join(data, "process_0-of-2.json"),
                 os.path.join(data, "process_1-of-2.json"))
-  with pytest.raises(checkpoints.IncompatibleCheckpointError,
-                     match="data position of 2 processes; this run has 1"):
-    restore(workdir, set_aside_damaged=True)
+
+
+class _NoSeek:
+  """An iterator that cannot be moved to a global batch."""
+
+  def __init__(self, inner):
+    self._inner = inner
+
+  def __next__(self):
+    return next(self._inner)
+
+  def get_state(self):
+    return self._inner.get_state()
+
+  def set_state(self, state):
+    self._inner.set_state(state)
+
+
+def test_data_position_of_another_process_count_is_carried_over(trained,
+                                                                tmp_path):
+  """Positions saved by 2 processes, restored by 1: the training stream's
+  position is a count of global batches, so it continues after step 4's
+  batches exactly as an uninterrupted stream would."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  _as_two_processes(workdir)
+  config = toy.make_config()
+  stage = toy.make_stage(config)
+  abstract = jax.eval_shape(stage.init_state, jax.random.key(0))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = checkpoints.abstract_like(
+      abstract, jax.tree.map(lambda _: device, abstract))
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  async_save=False)
+  iterator = stage.make_iterator()
+  try:
+    assert ckpt.restore(abstract, iterator)[0] == 4
+    with pytest.raises(checkpoints.IncompatibleCheckpointError,
+                       match="data position of 2 processes; this run has 1"):
+      ckpt.restore(abstract, _NoSeek(stage.make_iterator()))
+  finally:
+    ckpt.close()
+  uninterrupted = stage.make_iterator()
+  for _ in range(4):
+    next(uninterrupted)
+  np.testing.assert_array_equal(next(iterator)["x"],
+                                next(uninterrupted)["x"])
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
       "2", "4"]
-  assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
+
 
 
 def test_a_requested_step_that_is_damaged_is_an_error(trained, tmp_path):

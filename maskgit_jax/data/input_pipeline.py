@@ -30,6 +30,7 @@ worker count.
 The data config's keys are described in `data_config`.
 """
 
+import json
 import math
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -224,6 +225,62 @@ class GlobalBatchSampler:
                                 rng=rng)
 
 
+class GlobalBatchIterator:
+  """The iterator of a `GlobalBatchSampler` stream: grain's, plus `seek`.
+
+  Its position is a number of global batches, which means the same for
+  any process count, so a checkpoint's data position can be carried over
+  to a job with another number of processes (the checkpoint itself keeps
+  one grain state per process).
+  """
+
+  def __init__(self, loader: grain.DataLoader, *, process_index: int,
+               process_count: int, worker_count: int, local_batch: int):
+    self._iterator = iter(loader)
+    self._process_index, self._process_count = process_index, process_count
+    self._worker_count, self._local_batch = worker_count, local_batch
+
+  def __iter__(self) -> "GlobalBatchIterator":
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> bytes:
+    return self._iterator.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    self._iterator.set_state(state)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._iterator, name)  # e.g. grain's start_prefetch
+
+  def seek(self, num_batches: int) -> None:
+    """Positions the stream after its first `num_batches` batches (grain's
+    own state layout: the last index each worker read)."""
+    p, n, b = self._process_index, self._process_count, self._local_batch
+    workers = max(1, self._worker_count)
+    state = json.loads(self._iterator.get_state())
+    seen = {}
+    for w in range(workers):  # Batches j < num_batches with j % W == w.
+      records = (num_batches - w + workers - 1) // workers * b
+      seen[str(w)] = p - workers * n + w * n + records * workers * n
+    state["last_seen_indices"] = seen
+    state["last_worker_index"] = ((num_batches - 1) % workers
+                                  if self._worker_count else -1)
+    self._iterator.set_state(json.dumps(state, indent=4).encode())
+
+
+class _GlobalBatchLoader:
+  """A grain DataLoader whose iterators are `GlobalBatchIterator`s."""
+
+  def __init__(self, loader: grain.DataLoader, **layout):
+    self._loader, self._layout = loader, layout
+
+  def __iter__(self) -> GlobalBatchIterator:
+    return GlobalBatchIterator(self._loader, **self._layout)
+
+
 def make_loader(source, transforms: Sequence[Any], *, global_batch_size: int,
                 seed: int, shuffle: bool, num_epochs: Optional[int],
                 drop_remainder: bool, process_index: Optional[int] = None,
@@ -234,7 +291,8 @@ def make_loader(source, transforms: Sequence[Any], *, global_batch_size: int,
 
   Processes default to jax's. Shuffled endless training streams
   (`shuffle`, `drop_remainder`, no `num_epochs`) use `GlobalBatchSampler`:
-  the global batches are the same for any number of processes. One-pass
+  the global batches are the same for any number of processes, and its
+  iterators can `seek` to a global batch. One-pass
   streams give each process a disjoint, contiguous part of the records
   (equal parts when `drop_remainder`), shuffled within it when `shuffle`.
   """
@@ -261,7 +319,7 @@ def make_loader(source, transforms: Sequence[Any], *, global_batch_size: int,
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=shard, shuffle=shuffle,
         num_epochs=num_epochs, seed=seed)
-  return grain.DataLoader(
+  loader = grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[*transforms, grain.transforms.Batch(batch_size,
                                                       drop_remainder)],
@@ -269,6 +327,12 @@ def make_loader(source, transforms: Sequence[Any], *, global_batch_size: int,
       shard_options=shard,
       read_options=grain.ReadOptions(num_threads=read_threads,
                                      prefetch_buffer_size=prefetch_buffer_size))
+  if isinstance(sampler, GlobalBatchSampler):
+    return _GlobalBatchLoader(loader, process_index=process_index,
+                              process_count=process_count,
+                              worker_count=worker_count,
+                              local_batch=batch_size)
+  return loader
 
 
 def loader_options(data_config: config_dict.ConfigDict) -> Dict[str, int]:

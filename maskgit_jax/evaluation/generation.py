@@ -67,3 +67,46 @@ def generate_in_batches(pipe: Any, class_ids: np.ndarray, *, batch_size: int,
     images = pipe.generate(padded, seed=batch_seed(seed, job_index),
                            sharding=sharding, **(sampling or {}))
     yield images[:len(labels)], labels
+
+
+def process_share(num_samples: int, batch_size: int) -> np.ndarray:
+  """The sample positions in this process's whole batches of a job (round
+  robin: process p takes batches p, p + P, p + 2P, ...)."""
+  positions = np.arange(num_samples)
+  batches = [positions[i:i + batch_size]
+             for i in range(0, num_samples, batch_size)]
+  mine = batches[jax.process_index()::jax.process_count()]
+  return np.concatenate(mine) if mine else positions[:0]
+
+
+def gather_rows(rows: np.ndarray) -> np.ndarray:
+  """Every process's rows, process 0's first, on every process (the
+  processes may hold different numbers of rows)."""
+  if jax.process_count() == 1:
+    return rows
+  from jax.experimental import multihost_utils
+  counts = multihost_utils.process_allgather(np.int32(len(rows)))
+  padded = np.zeros((int(np.max(counts)),) + rows.shape[1:], rows.dtype)
+  padded[:len(rows)] = rows
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([g[:n] for g, n in zip(gathered, counts)])
+
+
+def generate_all(pipe: Any, class_ids: np.ndarray, *, batch_size: int,
+                 seed: int, sampling: Optional[Dict[str, Any]] = None
+                 ) -> np.ndarray:
+  """uint8 images of all `class_ids`, in order, on every process: each
+  process generates its share of the batches on its own devices (a job
+  with fewer batches than processes generates them all everywhere)."""
+  class_ids = np.asarray(class_ids, np.int32).reshape(-1)
+  num_batches = -(-len(class_ids) // batch_size)
+  if jax.process_count() == 1 or num_batches < jax.process_count():
+    return np.concatenate([images for images, _ in generate_in_batches(
+        pipe, class_ids, batch_size=batch_size, seed=seed,
+        sampling=sampling)])
+  mine = process_share(len(class_ids), batch_size)
+  images = np.concatenate([images for images, _ in generate_in_batches(
+      pipe, class_ids[mine], batch_size=batch_size, seed=seed,
+      sampling=sampling, first_batch=jax.process_index(),
+      batch_stride=jax.process_count())])
+  return gather_rows(images)[np.argsort(gather_rows(mine))]

@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw
 from maskgit_jax import files
 
 WIDTH, HEIGHT, MARGIN = 640, 420, 60
+LEGEND_WIDTH = 100
 # Distinguishable colours (the tab10 palette) for up to ten series.
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
            (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127),
@@ -37,16 +38,18 @@ def multi_line_plot(series: Dict[str, Series], path: files.PathLike, *, xlabel: 
                        f"one: {xs}, {ys}")
     curves[name] = sorted(zip(map(float, xs), map(float, ys)))
   points = [p for curve in curves.values() for p in curve]
+  # Named series get a legend column to the right of the plot area.
+  right = MARGIN + (LEGEND_WIDTH if any(curves) else 0)
   x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
   y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
   x_span, y_span = (x_hi - x_lo) or 1.0, (y_hi - y_lo) or 1.0
   to_px = lambda x, y: (
-      MARGIN + (x - x_lo) / x_span * (WIDTH - 2 * MARGIN),
+      MARGIN + (x - x_lo) / x_span * (WIDTH - MARGIN - right),
       HEIGHT - MARGIN - (y - y_lo) / y_span * (HEIGHT - 2 * MARGIN))
   image = Image.new("RGB", (WIDTH, HEIGHT), "white")
   draw = ImageDraw.Draw(image)
   draw.line([(MARGIN, MARGIN), (MARGIN, HEIGHT - MARGIN),
-             (WIDTH - MARGIN, HEIGHT - MARGIN)], fill="black")
+             (WIDTH - right, HEIGHT - MARGIN)], fill="black")
   for x in sorted({p[0] for p in points}):
     px = to_px(x, y_lo)[0]
     draw.text((px - 6, HEIGHT - MARGIN + 6), f"{x:g}", fill="black")
@@ -62,11 +65,10 @@ def multi_line_plot(series: Dict[str, Series], path: files.PathLike, *, xlabel: 
       if label_points:
         draw.text((px + 5, py - 14), f"{y:.3g}", fill="black")
     if name:
-      top = MARGIN + 14 * index
-      draw.line([(WIDTH - MARGIN - 90, top + 6), (WIDTH - MARGIN - 70,
-                                                 top + 6)],
-                fill=colour, width=3)
-      draw.text((WIDTH - MARGIN - 64, top), name, fill="black")
+      top, left = MARGIN + 16 * index, WIDTH - right + 20
+      draw.line([(left, top + 6), (left + 20, top + 6)], fill=colour,
+                width=3)
+      draw.text((left + 26, top), name, fill="black")
   draw.text((WIDTH // 2 - 20, HEIGHT - 24), xlabel, fill="black")
   draw.text((6, 8), ylabel, fill="black")
   files.write_png(path, image)

@@ -132,7 +132,8 @@ def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
   e = config.eval
   class_ids = generation.balanced_class_ids(int(e.num_samples),
                                             pipe.num_classes, seed)
-  mine = _process_share(len(class_ids), int(config.eval_batch_size))
+  mine = generation.process_share(len(class_ids),
+                                 int(config.eval_batch_size))
   stats = statistics.FeatureStats(keep=int(e.precision_recall_samples),
                                   seed=seed)
   logits, correct, kept_images = [], 0, []
@@ -156,8 +157,8 @@ def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
       kept_images.append(images)
   merged = distributed.merge_across_processes(stats)
   # Rows of every process, back in the order one process would have made.
-  order = np.argsort(_gather_rows(mine))
-  all_logits = _gather_rows(np.concatenate(logits))[order]
+  order = np.argsort(generation.gather_rows(mine))
+  all_logits = generation.gather_rows(np.concatenate(logits))[order]
   precision, recall = evaluation.precision_recall(
       reference.features, merged.features)
   metrics = {
@@ -171,7 +172,7 @@ def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
         class_ids)
   if real is not None:
     # Every process trains the same classifier on all the samples.
-    images = _gather_rows(np.concatenate(kept_images))[order]
+    images = generation.gather_rows(np.concatenate(kept_images))[order]
     metrics["cas"] = cas_score(images, class_ids, *real,
                                num_classes=pipe.num_classes, seed=seed,
                                num_steps=int(e.cas_train_steps))
@@ -201,27 +202,6 @@ def _real_held_out(config, data) -> Tuple[np.ndarray, np.ndarray]:
       limit=int(config.eval.num_reference), seed=config.seed))
   return (np.concatenate([images for images, _ in parts]),
           np.concatenate([labels for _, labels in parts]))
-
-
-def _process_share(num_samples: int, batch_size: int) -> np.ndarray:
-  """The sample positions in this process's whole batches (round robin:
-  process p takes batches p, p + P, p + 2P, ...)."""
-  positions = np.arange(num_samples)
-  batches = [positions[i:i + batch_size]
-             for i in range(0, num_samples, batch_size)]
-  mine = batches[jax.process_index()::jax.process_count()]
-  return np.concatenate(mine) if mine else positions[:0]
-
-
-def _gather_rows(rows: np.ndarray) -> np.ndarray:
-  if jax.process_count() == 1:
-    return rows
-  from jax.experimental import multihost_utils
-  counts = multihost_utils.process_allgather(np.int32(len(rows)))
-  padded = np.zeros((int(np.max(counts)),) + rows.shape[1:], rows.dtype)
-  padded[:len(rows)] = rows
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  return np.concatenate([g[:n] for g, n in zip(gathered, counts)])
 
 
 def _sum_over_processes(value: int) -> int:

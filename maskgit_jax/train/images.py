@@ -39,16 +39,15 @@ def save_pairs(originals: np.ndarray, reconstructions: np.ndarray,
 def sample_grid(pipe, config, path: str) -> dict:
   """One row per class, `sampling.samples_per_class` samples in each,
   generated in batches of `eval_batch_size` (an ImageNet grid of 1,000
-  classes never sits in one call)."""
+  classes never sits in one call), shared by the processes of a job."""
   from maskgit_jax.evaluation import generation
   s = config.sampling
   classes = np.repeat(np.arange(pipe.num_classes), s.samples_per_class)
   # eval_batch_size even for a smaller grid: the eval job's program.
-  batches = generation.generate_in_batches(
-      pipe, classes, batch_size=config.eval_batch_size,
-      seed=config.seed, sampling=dict(
-          num_iter=s.num_iter, choice_temperature=s.choice_temperature,
-          guidance_scale=s.guidance_scale))
-  images = np.concatenate([images for images, _ in batches])
+  images = generation.generate_all(
+      pipe, classes, batch_size=config.eval_batch_size, seed=config.seed,
+      sampling=dict(num_iter=s.num_iter,
+                    choice_temperature=s.choice_temperature,
+                    guidance_scale=s.guidance_scale))
   save_png(grid(images, rows=pipe.num_classes), path)
   return {}
