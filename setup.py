@@ -30,7 +30,8 @@ setup(
     packages=find_packages(include=["maskgit_jax", "maskgit_jax.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=9.0", "pytest-xdist>=3.8", "nbclient>=0.11", "nbformat>=5.11",
+    extras_require={"test": ["pytest>=9.0", "pytest-xdist>=3.8",
+                             "nbclient>=0.11", "nbformat>=5.11",
                              "ipykernel>=7.4", "scipy>=1.17"]},
     license="Apache-2.0",
 )
