@@ -15,6 +15,7 @@ a job of several processes all of them agree on the verdict first.
 """
 
 import errno
+import json
 import logging
 import os
 import re
@@ -196,6 +197,8 @@ class Checkpointer:
     (input_pipeline.GlobalBatchIterator, whose position means the same for
     any process count) is moved to the checkpoint's step, one global batch
     per step; any other iterator makes that an IncompatibleCheckpointError.
+    A seekable iterator is also moved for positions of the IndexSampler
+    streams training used before (the run resumes in the new data order).
 
     A damaged checkpoint (`is_damage`: files missing or truncated, metadata
     unreadable, stored bytes failing their checksum) is reported by a warning
@@ -223,8 +226,7 @@ class Checkpointer:
     initial_position = (data_iterator.get_state()
                         if data_iterator is not None and steps else None)
     for candidate in steps:
-      seek = (data_iterator is not None and hasattr(data_iterator, "seek")
-              and not self._same_process_count(candidate))
+      seek = self._carry_data_over(candidate, data_iterator)
       self._check_compatible(candidate, abstract_state,
                              with_data=data_iterator is not None and not seek)
       items = {STATE: ocp.args.PyTreeRestore(
@@ -352,6 +354,24 @@ class Checkpointer:
         re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name)
         for path in (data.glob("process_*.json") if data.exists() else []))
             if match}
+
+  def _carry_data_over(self, step: int, data_iterator: Any) -> bool:
+    """Whether to move a seekable iterator to `step` instead of restoring
+    its saved position: saved by another process count, or by the
+    IndexSampler training streams used before GlobalBatchSampler (whose
+    positions mean nothing to it; such a run resumes in the new order)."""
+    if data_iterator is None or not hasattr(data_iterator, "seek"):
+      return False
+    if not self._same_process_count(step):
+      return True
+    saved = (epath.Path(self.directory) / str(step) / DATA /
+             f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    try:
+      sampler = json.loads(saved.read_text()).get("sampler", "")
+    except (OSError, ValueError):
+      return False  # Missing or unreadable: the restore reports damage.
+    return (sampler.startswith("IndexSampler(") and "shuffle=True" in sampler
+            and "num_epochs=None" in sampler)
 
   def _same_process_count(self, step: int) -> bool:
     counts = self._process_counts(step)

@@ -175,6 +175,44 @@ def _as_two_processes(workdir):
                 os.path.join(data, "process_1-of-2.json"))
 
 
+def test_data_position_of_the_old_index_sampler_is_carried_over(trained,
+                                                                 tmp_path):
+  """Runs checkpointed before the global-batch sampler (grain's
+  IndexSampler) resume: the stream continues after the step's batches."""
+  import json
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  for step in ("2", "4"):
+    path = os.path.join(workdir, "checkpoints", step, "data",
+                        "process_0-of-1.json")
+    with open(path) as f:
+      state = json.load(f)
+    state["sampler"] = ("IndexSampler(num_records=64, shard_options="
+                        "ShardOptions(shard_index=0, shard_count=1, "
+                        "drop_remainder=True), shuffle=True, "
+                        "num_epochs=None, seed=0)")
+    with open(path, "w") as f:
+      json.dump(state, f)
+  config = toy.make_config()
+  stage = toy.make_stage(config)
+  iterator = stage.make_iterator()
+  abstract = jax.eval_shape(stage.init_state, jax.random.key(0))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = checkpoints.abstract_like(
+      abstract, jax.tree.map(lambda _: device, abstract))
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  async_save=False)
+  try:
+    assert ckpt.restore(abstract, iterator)[0] == 4
+  finally:
+    ckpt.close()
+  uninterrupted = stage.make_iterator()
+  for _ in range(4):
+    next(uninterrupted)
+  np.testing.assert_array_equal(next(iterator)["x"],
+                                next(uninterrupted)["x"])
+
+
 class _NoSeek:
   """An iterator that cannot be moved to a global batch."""
 
