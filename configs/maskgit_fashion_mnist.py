@@ -35,9 +35,9 @@ def get_config(arg: str = ""):
   # Inception is the wrong feature network for 32x32 garments: evaluate in
   # the feature space of a classifier trained on the real training set
   # (`make demo` trains one into demo_output/workdirs/classifier.npz).
-  # CAS trains the small classifier for 800 steps (~45 s on 2 cores).
+  # CAS trains the small classifier for 500 steps (~30 s on 2 cores).
   c.eval.update(feature_network="classifier", num_samples=10_000, seeds=1,
-                num_reference=10_000, cas=True, cas_train_steps=800)
+                num_reference=10_000, cas=True, cas_train_steps=500)
   if arg == "tiny":
     c.transformer.update(hidden_size=16, num_layers=1, num_heads=2,
                          mlp_dim=32)
