@@ -31,9 +31,10 @@ def trained(tmp_path_factory):
   return workdir
 
 
-def restore(workdir, **kwargs):
+def restore(workdir, iterator=None, **kwargs):
   """Checkpointer.restore of the toy state and data position of `workdir`
-  onto one device; returns the restored step."""
+  (into `iterator`, default a new one) onto one device; returns the
+  restored step."""
   config = toy.make_config()
   stage = toy.make_stage(config)
   abstract = jax.eval_shape(stage.init_state, jax.random.key(0))
@@ -44,7 +45,8 @@ def restore(workdir, **kwargs):
       os.path.join(workdir, "checkpoints"), async_save=False,
       damaged_directory=os.path.join(workdir, "checkpoints_damaged"))
   try:
-    return ckpt.restore(abstract, stage.make_iterator(), **kwargs)[0]
+    return ckpt.restore(abstract, iterator or stage.make_iterator(),
+                        **kwargs)[0]
   finally:
     ckpt.close()
 
@@ -175,6 +177,15 @@ def _as_two_processes(workdir):
                 os.path.join(data, "process_1-of-2.json"))
 
 
+def assert_continues_after(iterator, stage, num_batches):
+  """`iterator`'s next batch is batch num_batches + 1 of a new stream."""
+  uninterrupted = stage.make_iterator()
+  for _ in range(num_batches):
+    next(uninterrupted)
+  np.testing.assert_array_equal(next(iterator)["x"],
+                                next(uninterrupted)["x"])
+
+
 def test_data_position_of_the_old_index_sampler_is_carried_over(trained,
                                                                  tmp_path):
   """Runs checkpointed before the global-batch sampler (grain's
@@ -193,24 +204,10 @@ def test_data_position_of_the_old_index_sampler_is_carried_over(trained,
                         "num_epochs=None, seed=0)")
     with open(path, "w") as f:
       json.dump(state, f)
-  config = toy.make_config()
-  stage = toy.make_stage(config)
+  stage = toy.make_stage(toy.make_config())
   iterator = stage.make_iterator()
-  abstract = jax.eval_shape(stage.init_state, jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = checkpoints.abstract_like(
-      abstract, jax.tree.map(lambda _: device, abstract))
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  async_save=False)
-  try:
-    assert ckpt.restore(abstract, iterator)[0] == 4
-  finally:
-    ckpt.close()
-  uninterrupted = stage.make_iterator()
-  for _ in range(4):
-    next(uninterrupted)
-  np.testing.assert_array_equal(next(iterator)["x"],
-                                next(uninterrupted)["x"])
+  assert restore(workdir, iterator) == 4
+  assert_continues_after(iterator, stage, 4)
 
 
 class _NoSeek:
@@ -237,27 +234,13 @@ def test_data_position_of_another_process_count_is_carried_over(trained,
   workdir = str(tmp_path / "run")
   shutil.copytree(trained, workdir)
   _as_two_processes(workdir)
-  config = toy.make_config()
-  stage = toy.make_stage(config)
-  abstract = jax.eval_shape(stage.init_state, jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = checkpoints.abstract_like(
-      abstract, jax.tree.map(lambda _: device, abstract))
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  async_save=False)
+  stage = toy.make_stage(toy.make_config())
   iterator = stage.make_iterator()
-  try:
-    assert ckpt.restore(abstract, iterator)[0] == 4
-    with pytest.raises(checkpoints.IncompatibleCheckpointError,
-                       match="data position of 2 processes; this run has 1"):
-      ckpt.restore(abstract, _NoSeek(stage.make_iterator()))
-  finally:
-    ckpt.close()
-  uninterrupted = stage.make_iterator()
-  for _ in range(4):
-    next(uninterrupted)
-  np.testing.assert_array_equal(next(iterator)["x"],
-                                next(uninterrupted)["x"])
+  assert restore(workdir, iterator) == 4
+  with pytest.raises(checkpoints.IncompatibleCheckpointError,
+                     match="data position of 2 processes; this run has 1"):
+    restore(workdir, _NoSeek(stage.make_iterator()))
+  assert_continues_after(iterator, stage, 4)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
       "2", "4"]
 

@@ -50,8 +50,10 @@ def tiny_state():
 
 
 @pytest.mark.slow
-def test_transformer_loss_falls_on_a_fixed_batch():
-  config, _, _, batch = tiny_transformer_setup()
+def train_on_a_fixed_batch(num_steps, **setup):
+  """(model, final state, losses, loss dtypes) of a 2-layer transformer
+  trained on one fixed batch without dropout or label smoothing."""
+  config, _, _, batch = tiny_transformer_setup(**setup)
   config.transformer.update(hidden_size=64, num_layers=2, num_heads=4,
                             mlp_dim=128, dropout_rate=0.0,
                             attention_dropout_rate=0.0)
@@ -63,10 +65,16 @@ def test_transformer_loss_falls_on_a_fixed_batch():
   state = init_state(model, tx)
   step = jax.jit(lambda s, b: transformer_stage.train_step(config, model, tx,
                                                            s, b))
-  losses = []
-  for _ in range(50):
+  losses, dtypes = [], set()
+  for _ in range(num_steps):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
+    dtypes.add(metrics["loss"].dtype)
+  return model, state, losses, dtypes
+
+
+def test_transformer_loss_falls_on_a_fixed_batch():
+  _, _, losses, _ = train_on_a_fixed_batch(50)
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
@@ -282,24 +290,10 @@ def float_dtypes(tree):
 def test_bfloat16_compute_trains_with_float32_state():
   """config.dtype="bfloat16": the loss falls over 25 steps on a fixed batch
   while parameters, optimizer state, EMA and the loss stay float32."""
-  config, _, _, batch = tiny_transformer_setup(dtype="bfloat16",
-                                               label_smoothing=0.0)
-  config.transformer.update(hidden_size=64, num_layers=2, num_heads=4,
-                            mlp_dim=128, dropout_rate=0.0,
-                            attention_dropout_rate=0.0)
-  config.optimizer.update(learning_rate=3e-3, warmup_steps=0,
-                          schedule="constant", weight_decay=0.0)
-  model = build.transformer(config, 16, 16)
+  model, state, losses, dtypes = train_on_a_fixed_batch(25,
+                                                        dtype="bfloat16")
   assert model.dtype == jnp.bfloat16
-  tx = transformer_stage.build_optimizer(config)
-  state = init_state(model, tx)
-  step = jax.jit(lambda s, b: transformer_stage.train_step(config, model, tx,
-                                                           s, b))
-  losses = []
-  for _ in range(25):
-    state, metrics = step(state, batch)
-    assert metrics["loss"].dtype == jnp.float32
-    losses.append(float(metrics["loss"]))
+  assert dtypes == {jnp.dtype(jnp.float32)}
   assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
   for part in (state.params, state.opt_state, state.ema_params):
     assert float_dtypes(part) == {jnp.dtype(jnp.float32)}
