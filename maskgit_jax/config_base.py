@@ -96,6 +96,7 @@ def _eval_config() -> ml_collections.ConfigDict:
       cas_train_steps=1500,         # steps of the classifier CAS trains
       lpips_images=50_000,          # tokenizer eval: images LPIPS covers
       name="",                      # eval/<name>.json; empty = from settings
+      step=0,                       # transformer checkpoint; 0 = the newest
       # At most one list: sweeps that sampling setting (a PNG plots FID).
       sweep=ml_collections.ConfigDict(dict(
           num_iter=(), mask_schedule=(), choice_temperature=(),

@@ -262,10 +262,22 @@ class Pipeline:
   # --- tokens <-> images ---------------------------------------------------
 
   def tokenize(self, images) -> np.ndarray:
-    """Float images [B, H, W, C] in [0, 1] -> int32 indices [B, h, w]."""
-    images = np.asarray(images, np.float32)
+    """Images [B, H, W, C] -> int32 indices [B, h, w].
+
+    Float images must lie in [0, 1]; uint8 images (0..255, what `generate`
+    returns) are scaled to it.
+    """
+    images = np.asarray(images)
     if images.ndim != 4:
       raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}.")
+    if images.dtype == np.uint8:
+      images = images.astype(np.float32) / 255.0
+    images = images.astype(np.float32)
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+      raise ValueError(
+          "float images must lie in [0, 1], got values in "
+          f"[{images.min():.3g}, {images.max():.3g}]; pass uint8 images or "
+          "divide by 255.")
     return np.asarray(tokenize_images(self.tokenizer, self.tokenizer_params,
                                       images))
 

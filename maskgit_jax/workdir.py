@@ -21,7 +21,7 @@ discriminator, nothing from `train/`.
 import json
 import logging
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import jax
 import ml_collections
@@ -87,13 +87,17 @@ class Workdir:
     """eval/<name>.json (or another suffix, e.g. the sweep's .png)."""
     return self.eval_dir / f"{name}{suffix}"
 
+  def all_steps(self) -> List[int]:
+    """Steps of the committed checkpoints, oldest first."""
+    if not self.checkpoints.exists():
+      return []
+    return sorted(int(p.name) for p in self.checkpoints.iterdir()
+                  if p.name.isdigit())
+
   def latest_step(self) -> Optional[int]:
     """The newest committed checkpoint's step (None if there is none)."""
-    if not self.checkpoints.exists():
-      return None
-    steps = [int(p.name) for p in self.checkpoints.iterdir()
-             if p.name.isdigit()]
-    return max(steps) if steps else None
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   # --- config ---------------------------------------------------------------
 

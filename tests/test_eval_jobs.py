@@ -76,8 +76,12 @@ def test_sweep_writes_one_result_per_value_and_a_plot(
                      precision_recall_samples=32, num_samples=40, seeds=1,
                      cas=False)  # CAS trains a classifier: the main test has it
   config.eval.sweep.num_iter = (2, 4)
+  config.eval.step = 3  # the tiny run keeps steps 2 and 4
+  with pytest.raises(ValueError, match=r"config.eval.step=3.*\[2, 4\]"):
+    jobs.run("eval", config, transformer_run.workdir)
+  config.eval.step = 2  # an older checkpoint than the newest
   report = jobs.run("eval", config, transformer_run.workdir)
-  assert report["swept"] == "num_iter"
+  assert report["swept"] == "num_iter" and report["step"] == 2
   assert [r["settings"]["num_iter"] for r in report["results"]] == [2, 4]
   run = workdir_lib.Workdir(transformer_run.workdir)
   assert run.eval_result("sweep_num_iter", ".png").exists()

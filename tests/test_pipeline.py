@@ -50,6 +50,15 @@ def test_tokenize_detokenize_logits_share_programs(pipes):
                          b.detokenize(outputs[0][0]))
 
 
+def test_tokenize_takes_uint8_and_refuses_float_pixels_out_of_range(pipes):
+  pipe = pipes[0]
+  pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), np.uint8)
+  np.testing.assert_array_equal(pipe.tokenize(pixels),
+                                pipe.tokenize(pixels / np.float32(255)))
+  with pytest.raises(ValueError, match=r"\[0, 1\].*divide by 255"):
+    pipe.tokenize(pixels.astype(np.float32))
+
+
 def test_decode_options_are_hashable_and_validated(pipes):
   a, b = pipes
   one = a._options(4, "cosine", None, 0)

@@ -97,7 +97,11 @@ def evaluate_transformer(config: ml_collections.ConfigDict,
     raise ValueError("A transformer's eval needs a feature network: set "
                      "config.eval.feature_network to 'inception' or "
                      "'classifier'.")
-  pipe = Pipeline.from_workdirs(config.tokenizer_workdir, workdir)
+  step = int(config.eval.get("step", 0)) or None
+  if step is not None and step not in run.all_steps():
+    raise ValueError(f"config.eval.step={step}: {workdir} has checkpoints at "
+                     f"steps {run.all_steps()} (0 = the newest).")
+  pipe = Pipeline.from_workdirs(config.tokenizer_workdir, workdir, step)
   batch = int(config.eval_batch_size)
   reference = features_lib.reference_stats(net, config.eval, data,
                                            batch_size=batch, seed=config.seed)
@@ -110,7 +114,7 @@ def evaluate_transformer(config: ml_collections.ConfigDict,
     results.append({"settings": setting, **summarize(per_seed),
                     "per_seed": per_seed})
   name = config.eval.name or _default_name(swept, settings)
-  report = {"name": name, "step": run.latest_step(),
+  report = {"name": name, "step": step or run.latest_step(),
             "num_samples": int(config.eval.num_samples),
             "seeds": int(config.eval.seeds),
             "feature_network": net.name, "swept": swept,
