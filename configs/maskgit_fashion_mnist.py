@@ -31,7 +31,12 @@ def get_config(arg: str = ""):
   c.eval_every_steps = 1500          # a sample grid costs a compile on CPU
   c.log_every_steps = 50
   c.ema_decay = 0.995
-  c.sampling.update(num_iter=8, samples_per_class=6)
+  # Measured on the demo's models at 10,000 samples (README, "What each
+  # recipe change bought"): 4 iterations and a hot choice temperature give
+  # the best FID; guidance 1 lifts the real-data classifier's accuracy on
+  # the samples from 0.72 to 0.83 for 3 points of FID.
+  c.sampling.update(num_iter=4, guidance_scale=1.0, choice_temperature=8.0,
+                    samples_per_class=6)
   # Inception is the wrong feature network for 32x32 garments: evaluate in
   # the feature space of a classifier trained on the real training set
   # (`make demo` trains one into demo_output/workdirs/classifier.npz).

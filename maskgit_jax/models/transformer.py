@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskgit_jax.models.dropout import Dropout
+
 LAYERNORM_EPSILON = 1e-12
 MASK_TOKEN_ID = -1
 
@@ -83,7 +85,7 @@ class SelfAttention(nn.Module):
     # Dropout commutes with the division, so training is unchanged too.
     unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    unnormalized = nn.Dropout(self.dropout_rate)(unnormalized, deterministic)
+    unnormalized = Dropout(self.dropout_rate)(unnormalized, deterministic)
     context = jnp.einsum("bnqk,bnkd->bnqd", unnormalized.astype(self.dtype),
                          value) / total.astype(self.dtype)
     context = jnp.transpose(context, (0, 2, 1, 3)).reshape(
@@ -112,12 +114,12 @@ class TransformerLayer(nn.Module):
     attended = SelfAttention(self.num_heads, self.attention_dropout_rate,
                              self.kernel_init, self.dtype,
                              name="attention")(x, deterministic)
-    attended = nn.Dropout(self.dropout_rate)(attended, deterministic)
+    attended = Dropout(self.dropout_rate)(attended, deterministic)
     x = layer_norm("attention_ln")(attended + x)
 
     h = gelu(dense(self.mlp_dim, "mlp_in")(x))
     h = dense(hidden, "mlp_out")(h)
-    h = nn.Dropout(self.dropout_rate)(h, deterministic)
+    h = Dropout(self.dropout_rate)(h, deterministic)
     return layer_norm("mlp_ln")(h + x)
 
 
@@ -168,7 +170,7 @@ class MaskGITTransformer(nn.Module):
     x = jnp.take(token_embedding, ids, axis=0) + position_embedding
     x = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype,
                      name="embedding_ln")(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic)
+    x = Dropout(self.dropout_rate)(x, deterministic)
 
     for i in range(self.num_layers):
       x = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout_rate,
