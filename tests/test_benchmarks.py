@@ -1,0 +1,170 @@
+"""The throughput benchmarks run end to end on tiny configs and write JSON.
+
+Only the record is checked (keys present, numbers finite and positive,
+utilisation plausible), never a speed: speed targets live in benchmarks/.
+Each script runs as a subprocess on one CPU device, with one round and
+tiny matmuls for the peak, as a user would launch it.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import helpers
+
+REPO = helpers.REPO
+COMMON = ["--rounds=1", "--repeats=1", "--peak_sizes=256,512",
+          "--peak_repeats=1"]
+TRAIN_KEYS = ("batch_size", "steps_per_s", "examples_per_s", "tokens_per_s",
+              "model_flops_per_step", "xla_flops_per_step",
+              "achieved_flops_per_s", "peak_matmul_flops_per_s",
+              "flop_utilization")
+SAMPLE_KEYS = ("batch_size", "images_per_s", "tokens_per_s",
+               "transformer_flops_per_call", "decoder_flops_per_call",
+               "model_flops_per_call", "achieved_flops_per_s",
+               "peak_matmul_flops_per_s", "flop_utilization")
+MACHINE_KEYS = ("cpu", "processor", "uname", "cpu_count", "jax_version",
+                "backend")
+
+# A stand-in for the PyTorch peer's MaskTransformer with its constructor and
+# call signature, used when no checkout is given (MASKGIT_PYTORCH_DIR).
+STAND_IN_PEER = '''
+import torch
+from torch import nn
+
+
+class MaskTransformer(nn.Module):
+
+  def __init__(self, img_size=256, hidden_dim=768, codebook_size=1024,
+               depth=24, heads=8, mlp_dim=3072, dropout=0.1, nclass=1000):
+    super().__init__()
+    self.codebook_size, self.nclass = codebook_size, nclass
+    self.tok_emb = nn.Embedding(codebook_size + nclass + 2, hidden_dim)
+    self.mlp = nn.Sequential(nn.Linear(hidden_dim, mlp_dim), nn.GELU(),
+                             nn.Dropout(dropout),
+                             nn.Linear(mlp_dim, codebook_size + 1))
+
+  def forward(self, img_token, y=None, drop_label=None):
+    cls = y.view(-1, 1) + self.codebook_size + 1
+    cls[drop_label] = self.codebook_size + 1 + self.nclass
+    tokens = torch.cat([img_token.flatten(1), cls], -1)
+    return self.mlp(self.tok_emb(tokens))[:, :-1]
+'''
+
+
+def run_benchmark(script, *args, tmp_path):
+  """Runs benchmarks/<script> ARGS --out=...; returns its JSON record."""
+  out = tmp_path / f"{script}.json"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", script), *args,
+       *COMMON, f"--out={out}"],
+      capture_output=True, text=True, cwd=REPO, env=helpers.one_device_env())
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+def assert_record(record, keys):
+  for key in keys:
+    value = record[key]
+    assert isinstance(value, (int, float)) and math.isfinite(value), key
+    assert value > 0, (key, value)
+  assert 0 < record["flop_utilization"] < 1.5
+  for key in MACHINE_KEYS:
+    assert key in record["machine"], key
+  assert record["machine"]["cpu_count"] >= 1
+  assert "date" in record and "git_commit" in record
+
+
+def test_train_throughput_transformer(tmp_path):
+  record = run_benchmark(
+      "train_throughput.py", "--config=configs/maskgit_fashion_mnist.py:tiny",
+      "--set", "transformer.hidden_size=32", "--set=batch_size=4",
+      "--codebook_size=16", "--num_tokens=16", "--steps=2", tmp_path=tmp_path)
+  assert_record(record, TRAIN_KEYS)
+  assert record["overrides"] == ["transformer.hidden_size=32", "batch_size=4"]
+  assert record["model"]["hidden_size"] == 32 and record["batch_size"] == 4
+  assert record["tokens_per_s"] == pytest.approx(
+      record["examples_per_s"] * 17)
+  assert record["flops_source"].startswith("analytic")
+  assert record["non_embedding_params"] > 0
+
+
+def test_sample_throughput(tmp_path):
+  record = run_benchmark(
+      "sample_throughput.py", "--config=configs/maskgit_fashion_mnist.py:tiny",
+      "--batch_size=2", tmp_path=tmp_path)
+  assert_record(record, SAMPLE_KEYS)
+  assert record["tokenizer_config"] == "configs/vqgan_fashion_mnist.py:tiny"
+  assert record["sampling"]["guidance_scale"] > 0  # the config's setting
+  assert record["transformer_rows_per_forward"] == 4  # guided: 2 x batch
+  assert record["images_per_s"] * record["num_tokens"] == pytest.approx(
+      record["tokens_per_s"])
+
+
+@pytest.mark.slow
+def test_train_throughput_tokenizer_with_lpips(tmp_path):
+  # LPIPS stays on (its weights are the step's constants); the GAN is off,
+  # which halves the compile time (its R1 penalty is a second derivative).
+  record = run_benchmark(
+      "train_throughput.py", "--config=configs/vqgan_fashion_mnist.py:tiny",
+      "--set=batch_size=2", "--set=losses.generator_adversarial_weight=0.0",
+      "--steps=1", tmp_path=tmp_path)
+  assert_record(record, TRAIN_KEYS)
+  assert record["stage"] == "tokenizer"
+  assert record["model"]["losses"]["perceptual_weight"] > 0
+  assert record["flops_source"] == "xla_cost_analysis"
+  assert record["model_flops_per_step"] == record["xla_flops_per_step"]
+  assert "timed_from_step" not in record  # no discriminator to wait for
+
+
+@pytest.fixture
+def peer_dir(tmp_path):
+  """A checkout of the PyTorch peer, else a stand-in with its interface."""
+  given = os.environ.get("MASKGIT_PYTORCH_DIR")
+  if given:
+    return given
+  root = tmp_path / "peer"
+  for part in ("Network", "Trainer"):
+    (root / part).mkdir(parents=True)
+  (root / "Network" / "transformer.py").write_text(STAND_IN_PEER)
+  (root / "Trainer" / "vit.py").write_text("# the training loop\n")
+  return str(root)
+
+
+@pytest.mark.slow
+def test_train_throughput_against_peer(tmp_path, peer_dir):
+  pytest.importorskip("torch")
+  record = run_benchmark(
+      "train_throughput.py", "--config=configs/maskgit_fashion_mnist.py:tiny",
+      "--codebook_size=16", "--num_tokens=16", "--steps=1",
+      f"--peer_dir={peer_dir}", "--peer_threads=1", tmp_path=tmp_path)
+  assert_record(record, TRAIN_KEYS)
+  ratio = record["examples_per_s_ours_over_peer"]
+  assert math.isfinite(ratio) and ratio > 0
+  assert ratio == pytest.approx(record["examples_per_s"] /
+                                record["peer"]["examples_per_s"])
+  assert record["peer"]["sizes"]["side"] == 4
+  assert record["peer"]["threads"] == 1
+  assert record["peer_notes"]
+
+
+def test_config_overrides_keep_types_and_name_bad_keys():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import harness  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  spec = os.path.join(REPO, "configs", "maskgit_fashion_mnist.py:tiny")
+  config = harness.load_config(spec, [
+      "batch_size=32", "transformer.hidden_size=256", "mask_schedule=linear",
+      "optimizer.learning_rate=1"])
+  assert config.batch_size == 32 and config.transformer.hidden_size == 256
+  assert config.mask_schedule == "linear"
+  assert isinstance(config.optimizer.learning_rate, float)
+  with pytest.raises(ValueError, match="has no key 'hiden_size'.*mlp_dim"):
+    harness.load_config(spec, ["transformer.hiden_size=256"])
+  with pytest.raises(ValueError, match="transformer.hidden_size=2.5"):
+    harness.load_config(spec, ["transformer.hidden_size=2.5"])
+  with pytest.raises(ValueError, match="not key.path=value"):
+    harness.load_config(spec, ["batch_size"])
