@@ -22,7 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -235,3 +236,30 @@ def write_json(path: Optional[str], result: Mapping[str, Any]) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
     f.write("\n")
+
+
+# --- command line -------------------------------------------------------------
+
+
+def add_common_flags(parser, repeats_help: str) -> None:
+  """--rounds, --repeats, --peak_sizes, --peak_repeats and --out, which every
+  throughput benchmark takes."""
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="fresh worker processes (per side, alternating)")
+  parser.add_argument("--repeats", type=int, default=5, help=repeats_help)
+  parser.add_argument("--peak_sizes", default="2048,4096",
+                      help="matmul sizes for the float32 peak")
+  parser.add_argument("--peak_repeats", type=int, default=3)
+  parser.add_argument("--out", default=None, help="JSON file for the result")
+
+
+def require_positive(parser, args, names: Iterable[str]) -> None:
+  """Stops with a parser error naming the first count flag below 1."""
+  for name in names:
+    if getattr(args, name) < 1:
+      parser.error(f"--{name}={getattr(args, name)}: must be >= 1.")
+
+
+def peak_sizes(text: str) -> List[int]:
+  """"2048,4096" -> [2048, 4096]."""
+  return [int(size) for size in text.split(",") if size.strip()]

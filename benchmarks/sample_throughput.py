@@ -144,9 +144,8 @@ def measure(args) -> Dict[str, Any]:
             "sampling": settings, "seconds_per_call": seconds}
   report.update(count_flops(pipe, args.batch_size, settings["num_iter"],
                             settings["guidance_scale"] > 0))
-  report["peak"] = harness.peak_matmul(
-      [int(n) for n in args.peak_sizes.split(",") if n.strip()],
-      args.peak_repeats)
+  report["peak"] = harness.peak_matmul(harness.peak_sizes(args.peak_sizes),
+                                       args.peak_repeats)
   report["machine"] = harness.machine_info()
   return report
 
@@ -211,19 +210,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "tokenizer config's image size / downsampling")
   parser.add_argument("--batch_size", type=int, default=8,
                       help="images per generate call")
-  parser.add_argument("--rounds", type=int, default=3,
-                      help="fresh worker processes")
-  parser.add_argument("--repeats", type=int, default=5,
-                      help="timed calls per worker (the median counts)")
-  parser.add_argument("--peak_sizes", default="2048,4096",
-                      help="matmul sizes for the float32 peak")
-  parser.add_argument("--peak_repeats", type=int, default=3)
-  parser.add_argument("--out", default=None, help="JSON file for the result")
+  harness.add_common_flags(
+      parser, repeats_help="timed calls per worker (the median counts)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  for name in ("batch_size", "rounds", "repeats", "peak_repeats"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name}={getattr(args, name)}: must be >= 1.")
+  harness.require_positive(
+      parser, args, ("batch_size", "rounds", "repeats", "peak_repeats"))
   return args
 
 

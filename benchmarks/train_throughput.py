@@ -185,7 +185,7 @@ def measure_ours(args) -> Dict[str, Any]:
     report["flops_source"] = "xla_cost_analysis"
   report["seconds_per_step"] = _timed_steps(
       compiled, state, batch, constants, args.steps, args.repeats)
-  report["peak"] = harness.peak_matmul(_sizes(args.peak_sizes),
+  report["peak"] = harness.peak_matmul(harness.peak_sizes(args.peak_sizes),
                                        args.peak_repeats)
   report["machine"] = harness.machine_info()
   return report
@@ -194,10 +194,6 @@ def measure_ours(args) -> Dict[str, Any]:
 def _uses_gan(config) -> bool:
   from maskgit_jax.train import tokenizer_stage
   return tokenizer_stage.uses_gan(config)
-
-
-def _sizes(text: str) -> List[int]:
-  return [int(size) for size in text.split(",") if size.strip()]
 
 
 # --- the peer -----------------------------------------------------------------
@@ -442,23 +438,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help=f"checkout of {PEER_REPO}: also time its step")
   parser.add_argument("--peer_threads", type=int, default=2,
                       help="torch threads of the peer's worker")
-  parser.add_argument("--rounds", type=int, default=3,
-                      help="fresh worker processes per side, alternating")
-  parser.add_argument("--repeats", type=int, default=5,
-                      help="timed repeats per worker (the median counts)")
+  harness.add_common_flags(
+      parser, repeats_help="timed repeats per worker (the median counts)")
   parser.add_argument("--steps", type=int, default=5,
                       help="train steps per timed repeat")
-  parser.add_argument("--peak_sizes", default="2048,4096",
-                      help="matmul sizes for the float32 peak")
-  parser.add_argument("--peak_repeats", type=int, default=3)
-  parser.add_argument("--out", default=None, help="JSON file for the result")
   parser.add_argument("--child", choices=("ours", "peer"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--peer_spec", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  for name in ("rounds", "repeats", "steps", "peak_repeats", "peer_threads"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name}={getattr(args, name)}: must be >= 1.")
+  harness.require_positive(
+      parser, args, ("rounds", "repeats", "steps", "peak_repeats",
+                     "peer_threads"))
   return args
 
 
