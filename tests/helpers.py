@@ -208,3 +208,11 @@ def _forget_epath_filesystems():
   """etils.epath caches the fsspec file system it made per scheme."""
   from etils.epath import backend
   backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def initialize(init_fn, seed=0):
+  """init_fn(key) compiled as the training loop compiles it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from maskgit_jax import parallel  # pylint: disable=g-import-not-at-top
+  key = jax.random.key(seed)
+  return parallel.jit_init(init_fn, jax.eval_shape(init_fn, key))(key)

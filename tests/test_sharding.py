@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import garment_batch, load_config
+from helpers import garment_batch, initialize, load_config
 from maskgit_jax import parallel
 from maskgit_jax import sharding
 from maskgit_jax.train import tokenizer_stage
@@ -59,10 +59,12 @@ def leaf(tree, suffix):
   return found[0]
 
 
-def run_step(init_fn, step_fn, batch, mesh_sizes, rules, min_size=1):
-  """(initial state, new state, metrics) of one step on a mesh."""
+def run_step(init_fn, step_fn, batch, mesh_sizes, rules, min_size=1,
+             state=None):
+  """(initial state, new state, metrics) of one step on a mesh, from `state`
+  (default: init_fn's, compiled as the training loop compiles it)."""
   mesh = parallel.create_mesh(mesh_sizes)
-  state = jax.jit(init_fn)(jax.random.key(0))
+  state = initialize(init_fn) if state is None else state
   shardings = sharding.state_shardings(state, mesh, rules, min_size=min_size)
   step = jax.jit(step_fn, in_shardings=(shardings,
                                         parallel.batch_sharding(mesh),
@@ -90,6 +92,17 @@ def assert_same_step(before, a, b, a_metrics, b_metrics, keys, lr):
   moved = max(float(np.max(np.abs(x - y))) for x, y in zip(
       jax.tree.leaves(a.params), jax.tree.leaves(before.params)))
   assert moved > 0.5 * lr  # the step did update the parameters
+
+
+def test_jit_init_gives_the_state_jax_jit_gives():
+  """The faster-compiled initialiser draws the same parameters."""
+  _, init_fn, _, _ = transformer_setup()
+  fast = initialize(init_fn)
+  plain = jax.jit(init_fn)(jax.random.key(0))
+  fast, plain = jax.tree.leaves(fast.params), jax.tree.leaves(plain.params)
+  assert len(fast) == len(plain) > 0
+  for x, y in zip(fast, plain):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------- the names
@@ -270,7 +283,7 @@ def test_tokenizer_step_on_an_fsdp_mesh():
                                     config.sharding_rules)
   _, fsdp, fsdp_metrics = run_step(init_fn, step_fn, batch,
                                    {"data": 4, "fsdp": 2},
-                                   config.sharding_rules)
+                                   config.sharding_rules, state=before)
   conv = leaf(fsdp, "generator/params/encoder/level0_res0/conv1/kernel")
   assert conv.sharding.spec == P(None, None, "fsdp", None)
   codebook = leaf(fsdp, "generator/params/quantizer/codebook")

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import NUM_TRAIN, garment_batch, garments, load_config
+from helpers import (NUM_TRAIN, garment_batch, garments, initialize,
+                     load_config)
 from maskgit_jax import parallel
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.data import tokens as tokens_lib
@@ -48,8 +49,8 @@ class Run:
     self.batch = garment_batch(8, seed=3)
     self.step_fn = lambda s, b: tokenizer_stage.train_step(
         config, self.model, self.disc, self.txs, None, s, b)
-    state = jax.jit(lambda rng: tokenizer_stage.init_state(
-        config, self.model, self.disc, self.txs, rng))(jax.random.key(0))
+    state = initialize(lambda rng: tokenizer_stage.init_state(
+        config, self.model, self.disc, self.txs, rng))
     step = jax.jit(self.step_fn)
     self.states = [state]     # after 0 .. 4 steps
     self.metrics = []         # of steps 1 .. STEPS, on the host
@@ -188,8 +189,8 @@ def tokenizer_step(config, lpips_params=None, **overrides):
     return tokenizer_stage.train_step(config, model, disc, txs, fn, state,
                                       batch)
 
-  state = jax.jit(lambda rng: tokenizer_stage.init_state(
-      config, model, disc, txs, rng))(jax.random.key(0))
+  state = initialize(lambda rng: tokenizer_stage.init_state(
+      config, model, disc, txs, rng))
   jitted = jax.jit(step)
   return (lambda s, b: jitted(s, b, lpips_params)), state
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import file_bytes, load_config, transformer_config
+from helpers import file_bytes, initialize, load_config, transformer_config
 from maskgit_jax import checkpoints
 from maskgit_jax import parallel
 from maskgit_jax import Pipeline
@@ -35,8 +35,8 @@ def tiny_transformer_setup(**config_overrides):
 
 
 def init_state(model, tx):
-  return jax.jit(lambda rng: transformer_stage.init_state(model, tx, rng))(
-      jax.random.key(0))
+  return initialize(
+      lambda rng: transformer_stage.init_state(model, tx, rng))
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       start_fresh_if_unrestorable=bool(
           config.get("start_fresh_if_unrestorable", False)))
   if state is None:  # A fresh run: only now pay for initialisation.
-    state = jax.jit(stage.init_state, out_shardings=state_shardings)(rng)
+    state = parallel.jit_init(stage.init_state, abstract,
+                              out_shardings=state_shardings)(rng)
     start = 0
   else:
     start = int(restored_step)
