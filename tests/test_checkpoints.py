@@ -294,3 +294,41 @@ def test_verdicts_of_two_processes(checkpointer):
                      match=r"\(process 0\): Sampler in checkpoint"):
     act((checkpoints.INCOMPATIBLE, "Sampler in checkpoint does not match"),
         ok)
+
+
+def test_replicated_arrays_large_and_small_round_trip(tmp_path):
+  """On 8 devices an array replicated with at least
+  MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL per replica is written in slices by
+  every replica, a smaller one whole by one replica: both read back equal,
+  as does a sharded one."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.sharding.NamedSharding(mesh,
+                                       jax.sharding.PartitionSpec("data"))
+  rng = np.random.default_rng(0)
+  large_rows = 8 * checkpoints.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL // (4 * 64)
+  state = {
+      "large": jax.device_put(
+          rng.standard_normal((large_rows, 64), np.float32), replicated),
+      "small": jax.device_put(rng.standard_normal((3, 5), np.float32),
+                              replicated),
+      "sharded": jax.device_put(rng.standard_normal((16, 4), np.float32),
+                                sharded),
+      "step": jax.device_put(np.int32(7), replicated),
+  }
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"),
+                                  async_save=False)
+  try:
+    ckpt.save(1, state)
+    ckpt.manager.wait_until_finished()
+    abstract = checkpoints.abstract_like(
+        jax.eval_shape(lambda: state),
+        jax.tree.map(lambda x: x.sharding, state))
+    step, restored = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  assert step == 1
+  for key, value in state.items():
+    np.testing.assert_array_equal(np.asarray(restored[key]),
+                                  np.asarray(value), err_msg=key)
+    assert restored[key].sharding == value.sharding, key
