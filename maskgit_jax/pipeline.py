@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgit_jax import editing
+from maskgit_jax import parallel
 from maskgit_jax import sampling
 from maskgit_jax import schedules
 from maskgit_jax import streams
@@ -252,10 +253,13 @@ class Pipeline:
         codebook_size=64, num_classes=num_classes, num_tokens=side * side,
         hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128)
     k_rng, t_rng = jax.random.split(jax.random.key(seed))
-    k_params = tokenizer.init(
-        k_rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
-    t_params = transformer.init(
-        t_rng, jnp.zeros((1, transformer.seq_len), jnp.int32))["params"]
+    # Jitted: run eagerly, init compiles each of its ops on its own (13 s).
+    k_init = lambda rng: tokenizer.init(
+        rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
+    t_init = lambda rng: transformer.init(
+        rng, jnp.zeros((1, transformer.seq_len), jnp.int32))["params"]
+    k_params = parallel.jit_init(k_init, jax.eval_shape(k_init, k_rng))(k_rng)
+    t_params = parallel.jit_init(t_init, jax.eval_shape(t_init, t_rng))(t_rng)
     return cls(tokenizer, k_params, transformer, t_params,
                token_shape=(side, side), has_unconditional=True)
 

@@ -17,7 +17,9 @@ Set JAX_COMPILATION_CACHE_DIR to keep (or to share) one instead.
 
 Below that, the session's shared trained workdirs: each stage is trained
 once, end to end through `python -m maskgit_jax.main` on its tiny config,
-and every test that only reads a trained run uses these.
+and every test that only reads a trained run uses these. Under pytest-xdist
+the first worker to need one trains it and the others read it (tests that
+write there copy it first, or write only files of their own).
 """
 
 import os
@@ -36,6 +38,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+import fcntl  # pylint: disable=g-import-not-at-top,wrong-import-position
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import types  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -52,24 +56,51 @@ def data_dirs(tmp_path_factory):
 
 
 def _main(*args):
+  """`main ARGS` in a fresh process, which must succeed: its stdout, stderr
+  and returncode."""
   result = helpers.run_main(*args)
   assert result.returncode == 0, result.stderr[-3000:]
-  return result
+  return {"stdout": result.stdout, "stderr": result.stderr,
+          "returncode": result.returncode}
+
+
+def _built_once(tmp_path_factory, name, build):
+  """`build(folder)`'s record (JSON), computed once per session: without
+  xdist here, under xdist by the first worker to ask, under a file lock in
+  the folder all workers share, while the others wait and then read it."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return build(str(tmp_path_factory.mktemp(name)))
+  shared = tmp_path_factory.getbasetemp().parent
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    record = shared / f"{name}.json"
+    if not record.exists():
+      folder = shared / name
+      folder.mkdir()
+      record.write_text(json.dumps(build(str(folder))))
+    return json.loads(record.read_text())
+
+
+def _run(record):
+  """A record of `_main`s as attributes: .workdir, .train.stderr, ..."""
+  return types.SimpleNamespace(**{
+      key: types.SimpleNamespace(**value) if isinstance(value, dict) else value
+      for key, value in record.items()})
 
 
 @pytest.fixture(scope="session")
 def tokenizer_run(data_dirs, tmp_path_factory):
   """The tokenizer's end-to-end run: `main` trains the tiny config (every
   loss term, LPIPS and the GAN included) for 4 steps, then `--mode=tokenize`
-  writes its token cache. (workdir, train and tokenize CompletedProcess)."""
-  workdir = str(tmp_path_factory.mktemp("vqgan"))
-  args = [f"--config={helpers.TOKENIZER_CONFIG}", f"--workdir={workdir}",
-          f"--config.data.source_dir={data_dirs[0]}",
-          f"--config.data.data_dir={data_dirs[1]}"]
-  train = _main(*args)
-  tokenize = _main(*args, "--mode=tokenize")
-  return types.SimpleNamespace(workdir=workdir, train=train,
-                               tokenize=tokenize)
+  writes its token cache. (.workdir, and .train and .tokenize with each
+  process's .stdout, .stderr and .returncode)."""
+  def build(workdir):
+    args = [f"--config={helpers.TOKENIZER_CONFIG}", f"--workdir={workdir}",
+            f"--config.data.source_dir={data_dirs[0]}",
+            f"--config.data.data_dir={data_dirs[1]}"]
+    return {"workdir": workdir, "train": _main(*args),
+            "tokenize": _main(*args, "--mode=tokenize")}
+  return _run(_built_once(tmp_path_factory, "vqgan", build))
 
 
 @pytest.fixture(scope="session")
@@ -81,11 +112,11 @@ def tokenizer_workdir(tokenizer_run):
 def transformer_run(tokenizer_workdir, tmp_path_factory):
   """The transformer's end-to-end run: `main` trains the tiny config for 4
   steps on the tokenizer run's cache (a sample grid at step 4)."""
-  workdir = str(tmp_path_factory.mktemp("maskgit"))
-  train = _main(f"--config={helpers.TRANSFORMER_CONFIG}",
-                f"--workdir={workdir}",
-                f"--config.tokenizer_workdir={tokenizer_workdir}")
-  return types.SimpleNamespace(workdir=workdir, train=train)
+  def build(workdir):
+    return {"workdir": workdir, "train": _main(
+        f"--config={helpers.TRANSFORMER_CONFIG}", f"--workdir={workdir}",
+        f"--config.tokenizer_workdir={tokenizer_workdir}")}
+  return _run(_built_once(tmp_path_factory, "maskgit", build))
 
 
 @pytest.fixture(scope="session")

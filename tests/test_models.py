@@ -1,3 +1,4 @@
+import functools
 import math
 
 import jax
@@ -17,6 +18,17 @@ def count(tree) -> int:
 def abstract_params(module, *inputs, **kwargs):
   return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs,
                                             **kwargs))["params"]
+
+
+def jit_init(module, *inputs, seed=0):
+  """module.init as one compiled program: run eagerly, each of its ops
+  compiles on its own (seconds for a tiny VQGAN)."""
+  return jax.jit(module.init)(jax.random.key(seed), *inputs)
+
+
+def jit_apply(module, variables, *inputs, **kwargs):
+  """module.apply as one compiled program; `kwargs` are fixed at trace."""
+  return jax.jit(functools.partial(module.apply, **kwargs))(variables, *inputs)
 
 
 # --- transformer -----------------------------------------------------------
@@ -51,17 +63,17 @@ def test_official_imagenet256_transformer_size():
 def test_transformer_logits_shape_and_dtype():
   model = tiny_transformer()
   tokens = jnp.full((2, 9), -1, jnp.int32).at[:, 0].set(16 + 2)
-  params = model.init(jax.random.key(0), tokens)
-  logits = model.apply(params, tokens)
+  params = jit_init(model, tokens)
+  logits = jit_apply(model, params, tokens)
   assert logits.shape == (2, 9, 16 + 3 + 1) and logits.dtype == jnp.float32
 
 
 def test_codes_only_returns_the_image_code_logits():
   model = tiny_transformer()
   tokens = jnp.array([[16, -1, 3, -1, 5, -1, -1, 0, 15]] * 2, jnp.int32)
-  params = model.init(jax.random.key(0), tokens)
-  full = model.apply(params, tokens)
-  codes = model.apply(params, tokens, codes_only=True)
+  params = jit_init(model, tokens)
+  full = jit_apply(model, params, tokens)
+  codes = jit_apply(model, params, tokens, codes_only=True)
   assert codes.shape == (2, 9, 16)
   np.testing.assert_allclose(codes, full[..., :16], rtol=1e-6, atol=1e-6)
 
@@ -69,22 +81,22 @@ def test_codes_only_returns_the_image_code_logits():
 def test_mask_id_minus_one_is_the_last_embedding_row():
   model = tiny_transformer()
   tokens = jnp.array([[17, -1, 3, -1, 5, 0, -1, 2, 1]], jnp.int32)
-  params = model.init(jax.random.key(0), tokens)
+  params = jit_init(model, tokens)
   explicit = jnp.where(tokens == -1, model.vocab_size - 1, tokens)
-  np.testing.assert_array_equal(model.apply(params, tokens),
-                                model.apply(params, explicit))
+  np.testing.assert_array_equal(jit_apply(model, params, tokens),
+                                jit_apply(model, params, explicit))
 
 
 def test_output_head_is_tied_to_token_embedding():
   model = tiny_transformer()
   tokens = jnp.zeros((1, 9), jnp.int32)
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = jit_init(model, tokens)["params"]
   assert set(params) >= {"token_embedding", "position_embedding", "head_bias"}
   assert "head_kernel" not in params and "embedding_ln" in params
   perturbed = jax.tree.map(lambda x: x, params)
   perturbed["token_embedding"] = params["token_embedding"].at[7].add(1.0)
-  a = model.apply({"params": params}, tokens)
-  b = model.apply({"params": perturbed}, tokens)
+  a = jit_apply(model, {"params": params}, tokens)
+  b = jit_apply(model, {"params": perturbed}, tokens)
   # Token 7 is not in the input, so only its output logit can change.
   changed = np.any(np.asarray(a != b), axis=(0, 1))
   assert changed.tolist() == [i == 7 for i in range(model.vocab_size)]
@@ -93,31 +105,31 @@ def test_output_head_is_tied_to_token_embedding():
 def test_bidirectional_every_position_sees_every_other():
   model = tiny_transformer()
   tokens = jnp.zeros((1, 9), jnp.int32)
-  params = model.init(jax.random.key(0), tokens)
-  a = model.apply(params, tokens)
-  b = model.apply(params, tokens.at[0, 8].set(4))
+  params = jit_init(model, tokens)
+  a = jit_apply(model, params, tokens)
+  b = jit_apply(model, params, tokens.at[0, 8].set(4))
   assert np.all(np.any(np.asarray(a[0, :8] != b[0, :8]), axis=-1))
 
 
 def test_dropout_only_in_training_and_bfloat16_compute():
   model = tiny_transformer(dtype=jnp.bfloat16)
   tokens = jnp.zeros((2, 9), jnp.int32)
-  params = model.init(jax.random.key(0), tokens)
+  params = jit_init(model, tokens)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  eval_logits = model.apply(params, tokens)
+  eval_logits = jit_apply(model, params, tokens)
   assert eval_logits.dtype == jnp.float32
-  np.testing.assert_array_equal(eval_logits, model.apply(params, tokens))
-  train_logits = model.apply(params, tokens, deterministic=False,
+  np.testing.assert_array_equal(eval_logits, jit_apply(model, params, tokens))
+  train_logits = jit_apply(model, params, tokens, deterministic=False,
                              rngs={"dropout": jax.random.key(1)})
   assert not np.allclose(train_logits, eval_logits)
-  f32 = tiny_transformer().apply(params, tokens)
+  f32 = jit_apply(tiny_transformer(), params, tokens)
   np.testing.assert_allclose(eval_logits, f32, atol=0.1, rtol=0.05)
 
 
 def test_wrong_sequence_length_is_rejected():
   model = tiny_transformer()
   with pytest.raises(ValueError, match="9 tokens"):
-    model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    jit_init(model, jnp.zeros((1, 8), jnp.int32))
 
 
 def test_with_class_token():
@@ -183,42 +195,42 @@ def test_tokenizer_parameter_count_matches_architecture():
 def test_tokenizer_round_trip_shapes_and_losses():
   model = tiny_vqgan()
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
-  variables = model.init(jax.random.key(0), images)
-  recon, indices, losses = model.apply(variables, images, train=True)
+  variables = jit_init(model, images)
+  recon, indices, losses = jit_apply(model, variables, images, train=True)
   assert recon.shape == images.shape and indices.shape == (2, 8, 8)
   assert set(losses) == {"commitment_loss", "codebook_loss", "entropy_loss",
                          "quantizer_loss"}
   total = sum(v for k, v in losses.items() if k != "quantizer_loss")
-  np.testing.assert_allclose(losses["quantizer_loss"], total, rtol=1e-6)
-  from_indices = model.apply(variables, indices,
+  np.testing.assert_allclose(losses["quantizer_loss"], total, rtol=1e-5)
+  from_indices = jit_apply(model, variables, indices,
                              method=model.decode_from_indices)
   np.testing.assert_allclose(from_indices, recon, atol=1e-5)
-  encoded = model.apply(variables, images, method=model.encode_to_indices)
+  encoded = jit_apply(model, variables, images, method=model.encode_to_indices)
   np.testing.assert_array_equal(encoded, indices)
 
 
 def test_indices_are_nearest_codebook_entries():
   model = tiny_vqgan()
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
-  variables = model.init(jax.random.key(0), images)
-  latents = model.apply(variables, images,
+  variables = jit_init(model, images)
+  latents = jit_apply(model, variables, images,
                         method=lambda m, x: m.encoder(x))
   codebook = variables["params"]["quantizer"]["codebook"]
   d = ((np.asarray(latents)[..., None, :] - np.asarray(codebook)) ** 2).sum(-1)
-  indices = model.apply(variables, images, method=model.encode_to_indices)
+  indices = jit_apply(model, variables, images, method=model.encode_to_indices)
   np.testing.assert_array_equal(indices, d.argmin(-1))
 
 
 def test_straight_through_gradient_reaches_the_encoder():
   model = tiny_vqgan()
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
-  params = model.init(jax.random.key(0), images)["params"]
+  params = jit_init(model, images)["params"]
 
   def loss(p):
     recon, _, losses = model.apply({"params": p}, images, train=True)
     return jnp.mean((recon - images) ** 2) + losses["quantizer_loss"]
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   for part in ("encoder", "decoder", "quantizer"):
     assert float(sum(jnp.abs(g).sum() for g in
                      jax.tree.leaves(grads[part]))) > 0, part
@@ -228,12 +240,12 @@ def test_shortcut_projects_the_block_output():
   """The official quirk: out = h + conv1x1(h) when channels change."""
   block = vqgan_lib.ResBlock(filters=8, num_groups=4)
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 4))
-  variables = block.init(jax.random.key(1), x)
-  out = block.apply(variables, x)
+  variables = jit_init(block, x, seed=1)
+  out = jit_apply(block, variables, x)
   p = variables["params"]
   no_shortcut = dict(p, shortcut={"kernel": jnp.zeros_like(
       p["shortcut"]["kernel"])})
-  h = block.apply({"params": no_shortcut}, x)
+  h = jit_apply(block, {"params": no_shortcut}, x)
   kernel = p["shortcut"]["kernel"][0, 0]
   np.testing.assert_allclose(out, h + h @ kernel, atol=1e-5)
 
@@ -243,13 +255,13 @@ def test_upsample_conv_equals_conv_of_the_upsampled_input(height, width):
   import flax.linen as nn
   x = jax.random.normal(jax.random.key(0), (2, height, width, 6))
   module = vqgan_lib.UpsampleConv(5)
-  params = module.init(jax.random.key(1), x)
+  params = jit_init(module, x, seed=1)
   params = jax.tree.map(
       lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
       params)  # a non-zero bias too
-  expected = nn.Conv(5, (3, 3)).apply(params,
-                                      vqgan_lib.upsample_nearest_2x(x))
-  got = module.apply(params, x)
+  expected = jit_apply(nn.Conv(5, (3, 3)), params,
+                       vqgan_lib.upsample_nearest_2x(x))
+  got = jit_apply(module, params, x)
   assert got.shape == (2, 2 * height, 2 * width, 5)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -276,11 +288,11 @@ def test_discriminator_shapes_and_stylegan_widths():
   assert params["dense"]["kernel"].shape == (4 * 4 * 512, 512)
   small = disc_lib.Discriminator(image_size=32, max_filters=32)
   x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
-  variables = small.init(jax.random.key(1), x)
-  logits = small.apply(variables, x)
+  variables = jit_init(small, x, seed=1)
+  logits = jit_apply(small, variables, x)
   assert logits.shape == (3, 1) and logits.dtype == jnp.float32
   # Examples are independent (no batch statistics), as R1 requires.
-  other = small.apply(variables, x.at[1:].set(0.0))
+  other = jit_apply(small, variables, x.at[1:].set(0.0))
   np.testing.assert_allclose(other[0], logits[0], rtol=1e-5)
 
 

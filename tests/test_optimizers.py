@@ -13,7 +13,9 @@ def transformer_params():
   model = MaskGITTransformer(codebook_size=16, num_classes=3, num_tokens=4,
                              hidden_size=8, num_layers=1, num_heads=2,
                              mlp_dim=16)
-  return model.init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))["params"]
+  # Jitted: run eagerly, init compiles each of its ops on its own.
+  return jax.jit(model.init)(jax.random.key(0),
+                             jnp.zeros((1, 5), jnp.int32))["params"]
 
 
 def flat(tree):
@@ -42,7 +44,8 @@ def test_adamw_leaves_undecayed_parameters_alone():
       warmup_steps=0, schedule="constant", grad_clip_norm=0.0))
   tx = optimizers.create_optimizer(opt, num_train_steps=10)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zeros, tx.init(params), params)
+  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(zeros,
+                                                                 params)
   moved = {name: bool(np.any(np.asarray(u) != 0))
            for name, u in flat(updates).items()}
   mask = flat(optimizers.decay_mask(params))

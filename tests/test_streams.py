@@ -24,7 +24,7 @@ def test_transformer_logits_are_unchanged_by_streams():
   rng = np.random.default_rng(0)
   tokens = rng.integers(-1, 16, (8, 9)).astype(np.int32)
   tokens[:, 0] = 16 + rng.integers(0, 3, 8)
-  params = model.init(jax.random.key(0), tokens)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)
   whole = jax.jit(model.apply)(params, tokens)
   sliced = jax.jit(lambda p, t: streams.in_streams(
       lambda x: model.apply(p, x), t, num_streams=4))(params, tokens)
@@ -36,12 +36,14 @@ def test_pixels_and_pytrees_are_unchanged_by_streams():
                           num_res_blocks=1, embedding_dim=4,
                           codebook_size=16, num_groups=4)
   images = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
-  params = model.init(jax.random.key(0), images)
-  indices = model.apply(params, images, method=model.encode_to_indices)
+  # Jitted: run eagerly, each op of a model compiles on its own.
+  params = jax.jit(model.init)(jax.random.key(0), images)
+  indices = jax.jit(lambda x: model.apply(
+      params, x, method=model.encode_to_indices))(images)
   decode = lambda i: model.apply(params, i, method=model.decode_from_indices)
-  whole = decode(indices)
-  pair = streams.in_streams(lambda i: (decode(i), i + 1), indices,
-                            num_streams=2)
+  whole = jax.jit(decode)(indices)
+  pair = jax.jit(lambda i: streams.in_streams(
+      lambda j: (decode(j), j + 1), i, num_streams=2))(indices)
   np.testing.assert_allclose(pair[0], whole, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(pair[1], indices + 1)
 

@@ -41,9 +41,10 @@ def test_record_ranges_cover_every_record_once_in_order():
 
 
 def copy_workdir(src, dst):
-  """The trained tokenizer workdir without its token cache."""
+  """The trained tokenizer workdir without its token cache (nor what other
+  tests may be writing there meanwhile: eval results, images)."""
   shutil.copytree(src, dst, ignore=lambda folder, names: (
-      ["tokens"] if os.path.samefile(folder, src) else []))
+      ["tokens", "eval", "images"] if os.path.samefile(folder, src) else []))
   return str(dst)
 
 

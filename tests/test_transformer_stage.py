@@ -128,14 +128,17 @@ def test_checkpoint_of_another_codebook_is_an_error_and_kept(
   """The token embedding's shape follows the tokenizer's codebook (+ the
   classes and the mask token): resuming a run on a tokenizer of 32 codes
   names the leaf and both shapes, and leaves the checkpoints alone."""
+  # Copies without what other tests may be writing meanwhile (the shared
+  # workdirs' eval results and sample grids).
+  other_files = shutil.ignore_patterns("eval", "images")
   other_tokenizer = tmp_path / "tokenizer_with_32_codes"
-  shutil.copytree(tokenizer_workdir, other_tokenizer)
+  shutil.copytree(tokenizer_workdir, other_tokenizer, ignore=other_files)
   meta_path = other_tokenizer / "tokens" / "train" / "metadata.json"
   meta = json.loads(meta_path.read_text())
   meta["metadata"]["codebook_size"] = 32
   meta_path.write_text(json.dumps(meta))
   workdir = tmp_path / "run"
-  shutil.copytree(transformer_workdir, workdir)
+  shutil.copytree(transformer_workdir, workdir, ignore=other_files)
   before = file_bytes(workdir / "checkpoints")
 
   config = transformer_config(str(other_tokenizer))
