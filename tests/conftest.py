@@ -122,3 +122,22 @@ def transformer_run(tokenizer_workdir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def transformer_workdir(transformer_run):
   return transformer_run.workdir
+
+
+# The files that take longest (about a minute of CPU each on 2 cores), in
+# the order xdist should hand them out: first, so that the workers end
+# together rather than one finishing a long file alone; those that train
+# the session's workdirs alternate with those that do not, so that a worker
+# seldom waits for the other's training.
+LONG_FILES_FIRST = ("test_eval_jobs.py", "test_sharding.py",
+                    "test_transformer_stage.py", "test_official.py",
+                    "test_multiprocess.py", "test_tokenizer_stage.py",
+                    "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return (LONG_FILES_FIRST.index(name) if name in LONG_FILES_FIRST
+            else len(LONG_FILES_FIRST))
+  items.sort(key=rank)  # stable: each file keeps its tests' order

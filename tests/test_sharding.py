@@ -81,6 +81,8 @@ def assert_same_step(before, a, b, a_metrics, b_metrics, keys, lr):
   the gradients) to float tolerance; parameters to well within one update
   (about lr * sign(g) on the first step, which noise can flip where g ~ 0).
   """
+  # On the host: a device array's `x - y` would compile a kernel per shape.
+  before, a, b = jax.device_get((before, a, b))
   for key in keys:
     np.testing.assert_allclose(a_metrics[key], b_metrics[key], rtol=1e-5,
                                atol=1e-7, err_msg=key)

@@ -13,6 +13,7 @@ optimizer states start fresh. Nothing is overwritten: OUT must not hold
 workdirs yet.
 """
 
+import functools
 import os
 
 from absl import app
@@ -21,6 +22,7 @@ import jax
 
 from maskgit_jax import config_base
 from maskgit_jax import official
+from maskgit_jax import parallel
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.models import build
 from maskgit_jax.train import tokenizer_stage
@@ -66,6 +68,12 @@ def save_step0(workdir: str, state) -> None:
     ckpt.close()
 
 
+def _initialize(init_fn, seed: int):
+  """init_fn(key) compiled (run eagerly, each of its ops compiles alone)."""
+  key = jax.random.key(seed)
+  return parallel.jit_init(init_fn, jax.eval_shape(init_fn, key))(key)
+
+
 def import_official(tokenizer_path: str, transformer_path: str,
                     out: str) -> tuple:
   """Writes OUT/tokenizer and OUT/transformer; returns their paths."""
@@ -81,9 +89,9 @@ def import_official(tokenizer_path: str, transformer_path: str,
 
   model = build.tokenizer(k_config)
   disc = build.discriminator(k_config)
-  state = tokenizer_stage.init_state(
-      k_config, model, disc, tokenizer_stage.build_optimizers(k_config),
-      jax.random.key(k_config.seed))
+  state = _initialize(functools.partial(
+      tokenizer_stage.init_state, k_config, model, disc,
+      tokenizer_stage.build_optimizers(k_config)), k_config.seed)
   state["generator"] = state["generator"].replace(params=k_params,
                                                   ema_params=k_params)
   workdir_lib.Workdir(k_dir).write_config(k_config)
@@ -91,9 +99,9 @@ def import_official(tokenizer_path: str, transformer_path: str,
 
   model = build.transformer(t_config, t_model.codebook_size,
                             t_model.num_tokens)
-  state = transformer_stage.init_state(
-      model, transformer_stage.build_optimizer(t_config),
-      jax.random.key(t_config.seed))
+  state = _initialize(functools.partial(
+      transformer_stage.init_state, model,
+      transformer_stage.build_optimizer(t_config)), t_config.seed)
   state = state.replace(params=t_params, ema_params=t_params)
   workdir_lib.Workdir(t_dir).write_config(t_config)
   save_step0(t_dir, state)
