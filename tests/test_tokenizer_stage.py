@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from helpers import (NUM_TRAIN, garment_batch, garments, initialize,
                      load_config)
 from maskgit_jax import parallel
+from maskgit_jax import sharding
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.data import tokens as tokens_lib
 from maskgit_jax.models import build
@@ -103,36 +105,57 @@ def test_first_discriminator_update_has_the_learning_rate_size(run):
   assert 0.5 * lr < largest <= 1.01 * lr, largest
 
 
-@pytest.mark.slow  # the shared 20-step run
-def test_one_and_eight_devices_take_the_same_tokenizer_step(run):
-  """Step 4 (the GAN's first, R1 included) on a mesh of 8 data-parallel
-  devices gives the single-device step's losses and updates."""
+def leaf(tree, suffix):
+  """The one leaf whose "/"-joined key path is or ends in "/" + `suffix`."""
+  found = [x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if ("/" + sharding.path_string(path)).endswith("/" + suffix)]
+  assert len(found) == 1, (suffix, len(found))
+  return found[0]
+
+
+@pytest.mark.slow  # the shared 20-step run, and the step compiled for a mesh
+@pytest.mark.parametrize("mesh_sizes", [{"data": 8}, {"data": 4, "fsdp": 2}])
+def test_a_mesh_of_eight_devices_takes_the_single_device_step(run,
+                                                              mesh_sizes):
+  """Step 4 (the GAN's first, R1 included) on 8 data-parallel devices, and
+  with the state laid out by the config's sharding rules on data=4 x fsdp=2,
+  gives the single-device step's losses and updates."""
   state = run.states[START]
   single, single_metrics = run.states[START + 1], run.metrics[START]
-  mesh = parallel.create_mesh({"data": 8})
-  replicated = parallel.fsdp_sharding(state, mesh)
-  sharded, sharded_metrics = jax.jit(
-      run.step_fn, in_shardings=(replicated, parallel.batch_sharding(mesh)),
-      out_shardings=(replicated, parallel.replicated(mesh)))(
-          jax.device_put(state, replicated),
-          parallel.global_batch(run.batch, mesh))
+  mesh = parallel.create_mesh(mesh_sizes)
+  layout = sharding.state_shardings(state, mesh, run.config.sharding_rules,
+                                    min_size=1)
+  with jax.set_mesh(mesh):
+    sharded, sharded_metrics = jax.jit(
+        run.step_fn, in_shardings=(layout, parallel.batch_sharding(mesh)),
+        out_shardings=(layout, parallel.replicated(mesh)))(
+            jax.device_put(state, layout),
+            parallel.global_batch(run.batch, mesh))
+  if "fsdp" in mesh_sizes:  # the rules did shard both players
+    conv = leaf(sharded, "generator/params/encoder/level0_res0/conv1/kernel")
+    assert conv.sharding.spec == P(None, None, "fsdp", None)
+    codebook = leaf(sharded, "generator/params/quantizer/codebook")
+    assert codebook.sharding.spec == P("fsdp", None)
+    dense = leaf(sharded, "discriminator/params/dense/kernel")
+    assert dense.sharding.spec == P("fsdp", None)
+  sharded, single = jax.device_get((sharded, single))  # compared on the host
   assert float(single_metrics["r1_penalty"]) > 0  # the GAN is on
-  for key in ("loss", "discriminator_loss", "r1_penalty"):
+  for key in ("loss", "discriminator_loss", "r1_penalty", "psnr"):
     np.testing.assert_allclose(sharded_metrics[key], single_metrics[key],
-                               rtol=1e-4, atol=1e-6)
+                               rtol=1e-4, atol=1e-6, err_msg=key)
   # Adam's moments hold the gradients. (Its update is about lr * sign(g)
   # here (b1 = 0), which float noise can flip where g ~ 0, so parameters are
   # compared at the scale of one step.)
   for part in ("generator", "discriminator"):
     for a, b in zip(jax.tree.leaves(sharded[part].opt_state),
-                    jax.tree.leaves(single[part].opt_state)):
+                    jax.tree.leaves(single[part].opt_state), strict=True):
       # Summation order differs across devices: compare leaf norms.
       a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
       assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b) + 1e-12
     lr = (run.config.optimizer if part == "generator"
           else run.config.d_optimizer).learning_rate
     for a, b in zip(jax.tree.leaves(sharded[part].params),
-                    jax.tree.leaves(single[part].params)):
+                    jax.tree.leaves(single[part].params), strict=True):
       np.testing.assert_allclose(a, b, atol=2 * lr)
 
 
