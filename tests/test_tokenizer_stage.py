@@ -33,6 +33,9 @@ def gan_config(start_step: int = START):
                        perceptual_weight=0.0,
                        generator_adversarial_weight=0.1)
   config.num_train_steps = 100
+  # A batch statistic (the entropy of the batch's mean code distribution):
+  # off, so that micro-batches take the step of the whole batch.
+  config.vqgan.entropy_loss_ratio = 0.0
   config.optimizer.learning_rate = 3e-3  # so the loss halves in 20 steps
   # Adam with b1 = 0, b2 = 0.99 (the official discriminator settings) makes
   # the size of the first real update easy to state: lr * g / |g| = lr.
@@ -194,60 +197,34 @@ def test_tokenize_encodes_both_flips(tokenizer_workdir):
 # ------------------------------------------------- gradient accumulation
 
 
-def tokenizer_step(config, lpips_params=None, **overrides):
-  """(jitted step: (state, batch) -> (state, metrics), initial state) of
-  `config` updated with `overrides`; LPIPS on when lpips_params are given."""
-  config = config.copy_and_resolve_references()
-  config.update(overrides)
-  model, disc = build.tokenizer(config), build.discriminator(config)
-  txs = tokenizer_stage.build_optimizers(config)
-  lpips = None
-  if lpips_params is not None:
-    from maskgit_jax.models import perceptual
-    lpips = perceptual.LPIPS()
-
-  def step(state, batch, params):
-    fn = None if lpips is None else (
-        lambda x, y: lpips.apply({"params": params}, x, y))
-    return tokenizer_stage.train_step(config, model, disc, txs, fn, state,
-                                      batch)
-
-  state = initialize(lambda rng: tokenizer_stage.init_state(
-      config, model, disc, txs, rng))
-  jitted = jax.jit(step)
-  return (lambda s, b: jitted(s, b, lpips_params)), state
-
-
-@pytest.mark.slow  # the GAN step with R1 on 16 images, compiled twice
-def test_four_micro_batches_take_the_large_batch_tokenizer_step():
-  """The tiny config with the GAN on and the discriminator playing from
-  step 0: grad_accum_steps=4 on batch 16 gives both players the step of
-  one batch of 16. The entropy loss is off: its entropy of the mean code
-  distribution is a batch statistic, taken per micro-batch. LPIPS is off
-  too (a per-example mean like L2, accumulated alike; its VGG16 would
-  compile twice here)."""
-  config = load_config("vqgan_fashion_mnist")
-  config.losses.update(discriminator_start_step=0, perceptual_weight=0.0)
-  config.vqgan.entropy_loss_ratio = 0.0
-  config.batch_size = 16
-  assert tokenizer_stage.uses_gan(config)
-  params = None
-  batch = garment_batch(16, seed=3)
-  step, state = tokenizer_step(config, params)
-  large, large_metrics = step(state, batch)
-  step, _ = tokenizer_step(config, params, grad_accum_steps=4)
-  accumulated, metrics = step(state, batch)
+@pytest.mark.slow  # the shared run, and its step with 4 micro-batches
+def test_four_micro_batches_take_the_whole_batch_tokenizer_step(run):
+  """grad_accum_steps=4 on the shared run's batch of 8 (micro-batches of 2)
+  gives both players the step of the whole batch: step 4, the
+  discriminator's first, R1 included. (The run's entropy loss is off: its
+  entropy of the mean code distribution is a batch statistic, taken per
+  micro-batch. LPIPS, a per-example mean like L2 and accumulated alike, is
+  off too.)"""
+  config = run.config.copy_and_resolve_references()
+  config.grad_accum_steps = 4
+  step = jax.jit(lambda s, b: tokenizer_stage.train_step(
+      config, run.model, run.disc, run.txs, None, s, b))
+  accumulated, metrics = step(run.states[START], run.batch)
+  large, large_metrics = run.states[START + 1], run.metrics[START]
+  accumulated, metrics = jax.device_get((accumulated, metrics))
 
   assert float(large_metrics["r1_penalty"]) > 0  # the GAN is on
   for key, value in large_metrics.items():
     if key == "code_counts":  # over the whole batch
-      assert int(np.sum(value)) == 16 * 8 * 8
+      assert int(np.sum(value)) == 8 * 8 * 8
       np.testing.assert_array_equal(metrics[key], value)
     else:
       np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6,
                                  err_msg=key)
   for part in ("generator", "discriminator"):
-    assert int(accumulated[part].step) == 1
+    assert int(accumulated[part].step) == int(large[part].step)
+    lr = (config.optimizer if part == "generator"
+          else config.d_optimizer).learning_rate
     # Adam's moments hold the gradient and its square: they must agree to
     # float rounding of each leaf's scale.
     for a, b in zip(jax.tree.leaves(accumulated[part].opt_state),
@@ -256,14 +233,14 @@ def test_four_micro_batches_take_the_large_batch_tokenizer_step():
       np.testing.assert_allclose(a, b, rtol=1e-4,
                                  atol=1e-5 * float(np.max(np.abs(b))),
                                  err_msg=f"{part} opt_state")
-    # Adam's first update is lr * g / (|g| + eps): for a gradient entry near
-    # zero it turns float rounding into a sizeable part of a step (6% seen),
-    # so the parameters only agree to a fraction of the learning rate.
+    # The discriminator's first Adam update is lr * g / (|g| + eps): for a
+    # gradient entry near zero it turns float rounding into a sizeable part
+    # of a step (6% seen), so the parameters agree to a fraction of it.
     for a, b in zip(jax.tree.leaves(accumulated[part].params),
                     jax.tree.leaves(large[part].params), strict=True):
       np.testing.assert_allclose(
           np.asarray(a), np.asarray(b), rtol=1e-5,
-          atol=0.25 * config.optimizer.learning_rate, err_msg=f"{part} params")
+          atol=0.25 * lr, err_msg=f"{part} params")
 
 
 @pytest.mark.parametrize("steps, batch_size, match", [
@@ -281,13 +258,26 @@ def test_bad_grad_accum_steps_is_refused_by_the_tokenizer(steps, batch_size,
 # ---------------------------------------------------- bfloat16 compute
 
 
+def tokenizer_step(config, **overrides):
+  """The jitted step (state, batch) -> (state, metrics) of `config` updated
+  with `overrides` (no LPIPS)."""
+  config = config.copy_and_resolve_references()
+  config.update(overrides)
+  model, disc = build.tokenizer(config), build.discriminator(config)
+  txs = tokenizer_stage.build_optimizers(config)
+  return jax.jit(lambda state, batch: tokenizer_stage.train_step(
+      config, model, disc, txs, None, state, batch))
+
+
 @pytest.mark.slow
-def test_bfloat16_compute_trains_the_tokenizer_with_float32_state():
+def test_bfloat16_compute_trains_the_tokenizer_with_float32_state(run):
   """config.dtype="bfloat16", the GAN playing from step 3: the loss falls
   over 20 steps on a fixed batch while parameters, optimizer state, EMA and
   the losses stay float32."""
-  step, state = tokenizer_step(gan_config(), dtype="bfloat16")
-  batch = garment_batch(8, seed=3)
+  step = tokenizer_step(gan_config(), dtype="bfloat16")
+  # The compute dtype is not the parameters': the shared run's initial
+  # state (of the same config in float32) is this run's too.
+  state, batch = run.states[0], run.batch
   losses = []
   for _ in range(20):
     state, metrics = step(state, batch)
