@@ -41,7 +41,7 @@ def _common(stage: str) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.log_every_steps = 50
-  c.eval_every_steps = 500
+  c.eval_every_steps = 500          # and at the last step; 0: never
   c.dtype = "float32"               # compute dtype; parameters stay float32
   c.ema_decay = 0.999
   # Mesh axis sizes; -1 = all remaining devices. The batch is split over

@@ -518,3 +518,25 @@ def test_two_processes_agree_and_set_aside_once(tmp_path):
   aside = os.listdir(os.path.join(workdir, "checkpoints_damaged"))
   assert len(aside) == 1 and aside[0].startswith("4-"), aside
   assert committed_steps(workdir) == [2, 4]
+
+
+@pytest.mark.parametrize("eval_every, evaluated", [(2, [2, 4, 5]), (0, [])])
+def test_evaluations_every_n_steps_and_at_the_end_or_never(
+    tmp_path, eval_every, evaluated):
+  """Every `eval_every_steps` and at the last step; 0 turns them off."""
+  config = toy.make_config(num_train_steps=5, eval_every_steps=eval_every)
+  steps = []
+  stage = toy.make_stage(config,
+                         evaluate=lambda state, step: steps.append(step))
+  loop.train_and_evaluate(config, str(tmp_path), stage)
+  assert steps == evaluated
+
+
+def test_negative_eval_interval_is_refused():
+  from maskgit_jax.train import jobs
+  config = toy.make_config(eval_every_steps=-1)
+  config.stage = "transformer"
+  with pytest.raises(ValueError, match=r"eval_every_steps must be >= 0 "
+                                       r"\(0: no evaluation while training\), "
+                                       r"got -1"):
+    jobs.validate(config)

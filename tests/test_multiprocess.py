@@ -69,6 +69,11 @@ def logged_steps(workdir):
             if "loss" in json.loads(line)]
 
 
+# Reconstruction and sample grids have nothing to do with processes (each
+# process would compile their programs too).
+NO_EVALUATION = "--config.eval_every_steps=0"
+
+
 def tokenizer_args(data_dirs):
   """The tiny tokenizer run with L2 and the quantizer losses (as the demo
   trains): LPIPS's VGG16 and the GAN compile in every process and have
@@ -77,7 +82,8 @@ def tokenizer_args(data_dirs):
           f"--config.data.source_dir={data_dirs[0]}",
           f"--config.data.data_dir={data_dirs[1]}",
           "--config.losses.perceptual_weight=0.0",
-          "--config.losses.generator_adversarial_weight=0.0"]
+          "--config.losses.generator_adversarial_weight=0.0",
+          NO_EVALUATION]
 
 
 def test_two_process_tokenizer_trains_like_one(tokenizer_run, data_dirs,
@@ -89,12 +95,13 @@ def test_two_process_tokenizer_trains_like_one(tokenizer_run, data_dirs,
   assert_trees_close(ema_params(two, "tokenizer", None),
                      ema_params(one, "tokenizer", None))
   assert logged_steps(two) == [1, 2]  # only process 0 logged
+  assert not os.path.exists(os.path.join(two, "images"))  # no evaluation
 
 
 def test_two_process_transformer_trains_like_one_and_swaps_checkpoints(
     tokenizer_workdir, tmp_path):
   args = [f"--config={TRANSFORMER_CONFIG}",
-          f"--config.tokenizer_workdir={tokenizer_workdir}"]
+          f"--config.tokenizer_workdir={tokenizer_workdir}", NO_EVALUATION]
   params = lambda workdir: ema_params(workdir, "transformer",
                                       tokenizer_workdir)
   one, two = str(tmp_path / "one_process"), str(tmp_path / "two_processes")

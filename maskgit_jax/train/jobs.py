@@ -26,9 +26,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; valid: "
                      "'error', 'skip'.")
   for key in ("num_train_steps", "batch_size", "checkpoint_every_steps",
-              "log_every_steps", "eval_every_steps"):
+              "log_every_steps"):
     if int(config[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
+  if int(config.eval_every_steps) < 0:
+    raise ValueError(f"config.eval_every_steps must be >= 0 (0: no "
+                     f"evaluation while training), got "
+                     f"{config.eval_every_steps}.")
   STAGES[config.stage].validate(config)
 
 

@@ -222,7 +222,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                  f"checkpoint is saved in {workdir}. Re-run the same command "
                  "to resume.")
         raise SystemExit(0)
-      if stage.evaluate is not None and (
+      if stage.evaluate is not None and config.eval_every_steps and (
           step % config.eval_every_steps == 0 or
           step == config.num_train_steps):
         scalars = stage.evaluate(state, step)
