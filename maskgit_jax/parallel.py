@@ -95,6 +95,13 @@ def jit_init(fn, abstract_state, **jit_kwargs):
   return jax.jit(fn, **jit_kwargs)
 
 
+def initialize(init_fn, key: jax.Array):
+  """init_fn(key) compiled by jit_init, on the default device: what a state
+  or parameters made outside the training loop should use (run eagerly, an
+  initialiser compiles each of its ops on its own)."""
+  return jit_init(init_fn, jax.eval_shape(init_fn, key))(key)
+
+
 def fsdp_sharding(tree, mesh: Mesh, min_size: int = 2**14):
   """Shards each large array's biggest divisible dimension over `fsdp`.
 

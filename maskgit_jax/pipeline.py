@@ -253,13 +253,10 @@ class Pipeline:
         codebook_size=64, num_classes=num_classes, num_tokens=side * side,
         hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128)
     k_rng, t_rng = jax.random.split(jax.random.key(seed))
-    # Jitted: run eagerly, init compiles each of its ops on its own (13 s).
-    k_init = lambda rng: tokenizer.init(
-        rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
-    t_init = lambda rng: transformer.init(
-        rng, jnp.zeros((1, transformer.seq_len), jnp.int32))["params"]
-    k_params = parallel.jit_init(k_init, jax.eval_shape(k_init, k_rng))(k_rng)
-    t_params = parallel.jit_init(t_init, jax.eval_shape(t_init, t_rng))(t_rng)
+    k_params = parallel.initialize(lambda rng: tokenizer.init(
+        rng, jnp.zeros((1, image_size, image_size, 3)))["params"], k_rng)
+    t_params = parallel.initialize(lambda rng: transformer.init(
+        rng, jnp.zeros((1, transformer.seq_len), jnp.int32))["params"], t_rng)
     return cls(tokenizer, k_params, transformer, t_params,
                token_shape=(side, side), has_unconditional=True)
 

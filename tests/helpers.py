@@ -214,5 +214,14 @@ def initialize(init_fn, seed=0):
   """init_fn(key) compiled as the training loop compiles it."""
   import jax  # pylint: disable=g-import-not-at-top
   from maskgit_jax import parallel  # pylint: disable=g-import-not-at-top
-  key = jax.random.key(seed)
-  return parallel.jit_init(init_fn, jax.eval_shape(init_fn, key))(key)
+  return parallel.initialize(init_fn, jax.random.key(seed))
+
+
+def leaf(tree, suffix):
+  """The one leaf whose "/"-joined key path is or ends in "/" + `suffix`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from maskgit_jax import sharding  # pylint: disable=g-import-not-at-top
+  found = [x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if ("/" + sharding.path_string(path)).endswith("/" + suffix)]
+  assert len(found) == 1, (suffix, len(found))
+  return found[0]

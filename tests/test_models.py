@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import initialize
 from maskgit_jax.models import discriminator as disc_lib
 from maskgit_jax.models import transformer as transformer_lib
 from maskgit_jax.models import vqgan as vqgan_lib
@@ -23,7 +24,7 @@ def abstract_params(module, *inputs, **kwargs):
 def jit_init(module, *inputs, seed=0):
   """module.init as one compiled program: run eagerly, each of its ops
   compiles on its own (seconds for a tiny VQGAN)."""
-  return jax.jit(module.init)(jax.random.key(seed), *inputs)
+  return initialize(lambda key: module.init(key, *inputs), seed)
 
 
 def jit_apply(module, variables, *inputs, **kwargs):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import garment_batch, initialize, load_config
+from helpers import garment_batch, initialize, leaf, load_config
 from maskgit_jax import parallel
 from maskgit_jax import sharding
 from maskgit_jax.train import tokenizer_stage
@@ -49,15 +49,6 @@ def tokenizer_setup():
 
 def abstract_state(init_fn):
   return jax.eval_shape(init_fn, jax.random.key(0))
-
-
-def leaf(tree, suffix):
-  """The one leaf whose "/"-joined key path is or ends in "/" + `suffix`."""
-  found = [x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if (sharding.path_string(path) == suffix or
-               sharding.path_string(path).endswith("/" + suffix))]
-  assert len(found) == 1, (suffix, len(found))
-  return found[0]
 
 
 def run_step(init_fn, step_fn, batch, mesh_sizes, rules, min_size=1,

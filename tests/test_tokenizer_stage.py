@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import (NUM_TRAIN, garment_batch, garments, initialize,
+from helpers import (NUM_TRAIN, garment_batch, garments, initialize, leaf,
                      load_config)
 from maskgit_jax import parallel
 from maskgit_jax import sharding
@@ -106,14 +106,6 @@ def test_first_discriminator_update_has_the_learning_rate_size(run):
                 for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
   lr = run.config.d_optimizer.learning_rate
   assert 0.5 * lr < largest <= 1.01 * lr, largest
-
-
-def leaf(tree, suffix):
-  """The one leaf whose "/"-joined key path is or ends in "/" + `suffix`."""
-  found = [x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if ("/" + sharding.path_string(path)).endswith("/" + suffix)]
-  assert len(found) == 1, (suffix, len(found))
-  return found[0]
 
 
 @pytest.mark.slow  # the shared 20-step run, and the step compiled for a mesh

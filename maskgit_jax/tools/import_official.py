@@ -68,12 +68,6 @@ def save_step0(workdir: str, state) -> None:
     ckpt.close()
 
 
-def _initialize(init_fn, seed: int):
-  """init_fn(key) compiled (run eagerly, each of its ops compiles alone)."""
-  key = jax.random.key(seed)
-  return parallel.jit_init(init_fn, jax.eval_shape(init_fn, key))(key)
-
-
 def import_official(tokenizer_path: str, transformer_path: str,
                     out: str) -> tuple:
   """Writes OUT/tokenizer and OUT/transformer; returns their paths."""
@@ -89,9 +83,10 @@ def import_official(tokenizer_path: str, transformer_path: str,
 
   model = build.tokenizer(k_config)
   disc = build.discriminator(k_config)
-  state = _initialize(functools.partial(
+  state = parallel.initialize(functools.partial(
       tokenizer_stage.init_state, k_config, model, disc,
-      tokenizer_stage.build_optimizers(k_config)), k_config.seed)
+      tokenizer_stage.build_optimizers(k_config)),
+      jax.random.key(k_config.seed))
   state["generator"] = state["generator"].replace(params=k_params,
                                                   ema_params=k_params)
   workdir_lib.Workdir(k_dir).write_config(k_config)
@@ -99,9 +94,10 @@ def import_official(tokenizer_path: str, transformer_path: str,
 
   model = build.transformer(t_config, t_model.codebook_size,
                             t_model.num_tokens)
-  state = _initialize(functools.partial(
+  state = parallel.initialize(functools.partial(
       transformer_stage.init_state, model,
-      transformer_stage.build_optimizer(t_config)), t_config.seed)
+      transformer_stage.build_optimizer(t_config)),
+      jax.random.key(t_config.seed))
   state = state.replace(params=t_params, ema_params=t_params)
   workdir_lib.Workdir(t_dir).write_config(t_config)
   save_step0(t_dir, state)
