@@ -1,9 +1,10 @@
 """What every benchmark here shares: timing, workers, FLOPs and the record.
 
 Each variant runs in its own process (nothing compiled or cached is shared)
-with fixed glibc malloc thresholds: without them XLA:CPU can run 2x slower
-when memory is handed back to the OS between calls, so both sides of a
-comparison get the same setting.
+with glibc's malloc set to keep freed memory (maskgit_jax.host_memory, as
+the trainer's entry point sets it): without it XLA:CPU faults its buffers
+back in on every call (13-19% of a train step here, up to 2x with other
+thresholds), so every side of a comparison gets the same setting.
 
 FLOP utilisation is measured against the best float32 matmul rate that the
 same kind of process reaches on the same machine (`peak_matmul`), not a
@@ -25,10 +26,11 @@ import time
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
                     Sequence)
 
+from maskgit_jax import host_memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432",
-                "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+FIXED_MALLOC = dict(host_memory.GLIBC_ENV)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -27,6 +27,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from maskgit_jax import host_memory
+
 _OUT = flags.DEFINE_string("out", "demo_output", "Output folder.")
 _SOURCE_DIR = flags.DEFINE_string(
     "fashion_mnist_dir", None, "Folder of the Fashion-MNIST idx files "
@@ -102,6 +104,7 @@ def print_quality(quality: dict) -> None:
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()  # Before XLA starts its threads.
   from maskgit_jax import Pipeline
   from maskgit_jax.data import input_pipeline
   from maskgit_jax.train import images as images_lib

@@ -23,6 +23,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from maskgit_jax import checkpoints
+from maskgit_jax import host_memory
 from maskgit_jax import parallel
 
 MODES = ("train", "tokenize", "sample", "eval")
@@ -43,6 +44,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.keep_freed_memory()  # Before XLA starts its threads.
   try:
     parallel.initialize_distributed(_DISTRIBUTED_TIMEOUT_S.value)
   except (parallel.DistributedInitError, ValueError) as error:

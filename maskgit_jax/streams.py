@@ -17,27 +17,42 @@ import jax.numpy as jnp
 CPU_STREAMS = 4
 
 
-def default_streams(batch_size: int, backend: Optional[str] = None) -> int:
-  """The largest divisor of `batch_size` up to CPU_STREAMS on CPU, else 1."""
+def default_streams(batch_size: int, backend: Optional[str] = None,
+                    limit: int = CPU_STREAMS) -> int:
+  """The largest divisor of `batch_size` up to `limit` on CPU, else 1."""
   if (backend or jax.default_backend()) != "cpu":
     return 1
-  return max(n for n in range(1, CPU_STREAMS + 1) if batch_size % n == 0)
+  return max(n for n in range(1, limit + 1) if batch_size % n == 0)
 
 
 def in_streams(fn: Callable, *arrays: jnp.ndarray,
-               num_streams: Optional[int] = None):
+               num_streams: Optional[int] = None,
+               rng: Optional[jax.Array] = None):
   """fn(*arrays), computed as `num_streams` slices of the leading axis.
 
   `fn` must treat examples independently (no batch statistics). Outputs are
-  any pytree of arrays with the batch axis first.
+  any pytree of arrays with the batch axis first. Slice k holds rows k,
+  k + n, k + 2n, ... (as accumulate.split lays out micro-batches), so a
+  batch sharded over devices in contiguous blocks keeps every slice on all
+  of them. With `rng`, fn is called as fn(*slices, rng=key): slice k gets
+  fold_in(rng, k) (a single stream gets rng itself), so random draws such
+  as dropout differ between slices.
   """
   batch = arrays[0].shape[0]
   num_streams = num_streams or default_streams(batch)
+  extra = {} if rng is None else {"rng": rng}
   if num_streams == 1:
-    return fn(*arrays)
+    return fn(*arrays, **extra)
   if batch % num_streams:
     raise ValueError(f"batch {batch} is not divisible into {num_streams} "
                      "streams.")
-  slices = zip(*(jnp.split(x, num_streams, axis=0) for x in arrays))
-  outputs = [fn(*parts) for parts in slices]
-  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
+  strided = [x.reshape((batch // num_streams, num_streams) + x.shape[1:])
+             for x in arrays]
+  outputs = []
+  for k in range(num_streams):
+    if rng is not None:
+      extra = {"rng": jax.random.fold_in(rng, k)}
+    outputs.append(fn(*(x[:, k] for x in strided), **extra))
+  return jax.tree.map(
+      lambda *xs: jnp.stack(xs, axis=1).reshape((batch,) + xs[0].shape[1:]),
+      *outputs)

@@ -51,3 +51,23 @@ def test_pixels_and_pytrees_are_unchanged_by_streams():
 def test_indivisible_batch_is_rejected():
   with pytest.raises(ValueError, match="batch 6 .* 4 streams"):
     streams.in_streams(lambda x: x, jnp.zeros((6, 2)), num_streams=4)
+
+
+def test_slice_k_holds_every_nth_row():
+  # Each slice reports its own row total: rows k, k + 2, ... share one.
+  rows = jnp.arange(8.0)[:, None]
+  totals = streams.in_streams(
+      lambda x: jnp.broadcast_to(jnp.sum(x), x.shape), rows, num_streams=2)
+  np.testing.assert_array_equal(totals[:, 0], [12, 16] * 4)
+
+
+def test_each_stream_draws_with_its_own_key():
+  rng = jax.random.key(7)
+  noisy = lambda x, rng: x + jax.random.uniform(rng, x.shape)
+  rows = jnp.zeros((4, 3))
+  sliced = streams.in_streams(noisy, rows, num_streams=2, rng=rng)
+  for k in range(2):
+    np.testing.assert_array_equal(
+        sliced[k::2], jax.random.uniform(jax.random.fold_in(rng, k), (2, 3)))
+  single = streams.in_streams(noisy, rows, num_streams=1, rng=rng)
+  np.testing.assert_array_equal(single, jax.random.uniform(rng, (4, 3)))

@@ -78,6 +78,30 @@ def test_transformer_loss_falls_on_a_fixed_batch():
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_logits_are_the_models_over_the_codes(tiny_state, dropout):
+  """The train step's logits (the batch in two streams on CPU, the head over
+  the codes only) are the whole-vocabulary model's, sliced; with dropout,
+  every row draws its own masks, even where two rows are the same."""
+  config, _, _, batch = tiny_transformer_setup()
+  config.transformer.update(dropout_rate=dropout,
+                            attention_dropout_rate=dropout)
+  model = build.transformer(config, 16, 16)
+  params = tiny_state.params
+  inputs = np.concatenate([batch["label"][:, None] + 16, batch["tokens"]], 1)
+  inputs = np.concatenate([inputs, inputs])  # rows r and r + 8 are the same
+  logits = jax.jit(lambda p, x: transformer_stage.training_logits(
+      model, p, x, jax.random.key(3)))(params, inputs)
+  assert logits.shape == (16, 17, 16)
+  full = jax.jit(model.apply)({"params": params}, inputs)[..., :16]
+  if dropout == 0.0:
+    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
+  else:
+    assert not np.allclose(logits, full, atol=1e-3)
+    for r in range(8):
+      assert not np.allclose(logits[r], logits[r + 8], atol=1e-3), r
+
+
 @pytest.mark.slow
 def test_one_and_eight_devices_take_the_same_step(tiny_state):
   config, model, tx, batch = tiny_transformer_setup()

@@ -18,6 +18,7 @@ import optax
 from maskgit_jax import losses
 from maskgit_jax import masking
 from maskgit_jax import schedules
+from maskgit_jax import streams
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.data import tokens as tokens_lib
 from maskgit_jax.models import build
@@ -81,6 +82,27 @@ def model_inputs(rng: jax.Array, tokens: jnp.ndarray, labels: jnp.ndarray,
   return jnp.concatenate([class_ids[:, None], masked], axis=1), mask
 
 
+TRAIN_STREAMS = 2
+
+
+def training_logits(model: transformer_lib.MaskGITTransformer, params,
+                    inputs: jnp.ndarray, rng: jax.Array) -> jnp.ndarray:
+  """Logits over the image codes [B, S, codebook_size], with dropout.
+
+  Only the codes enter the loss, so the head is computed over them alone
+  (the other vocabulary rows get no gradient from it either way). The batch
+  runs as independent slices (streams.py; CPU only, one stream elsewhere),
+  each with its own dropout key. On 2 CPU cores two slices made the
+  benchmark steps 5-9% faster; four were slower at batch 8.
+  """
+  return streams.in_streams(
+      lambda x, rng: model.apply({"params": params}, x, deterministic=False,
+                                 codes_only=True, rngs={"dropout": rng}),
+      inputs, rng=rng,
+      num_streams=streams.default_streams(inputs.shape[0],
+                                          limit=TRAIN_STREAMS))
+
+
 def _examples_with_masks(mask: jnp.ndarray) -> jnp.ndarray:
   """How many rows of mask [B, N] hide at least one token (float32)."""
   return jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32))
@@ -116,9 +138,8 @@ def train_step(config: ml_collections.ConfigDict,
              _examples_with_masks(micro["mask"]) / examples)
 
     def loss_fn(params):
-      logits = model.apply({"params": params}, micro["inputs"],
-                           deterministic=False, rngs={"dropout": micro_rng})
-      logits = logits[:, 1:, :model.codebook_size]
+      logits = training_logits(model, params, micro["inputs"], micro_rng)
+      logits = logits[:, 1:]
       loss = losses.masked_cross_entropy(logits, micro["tokens"],
                                          micro["mask"], config.label_smoothing)
       return (loss if share is None else share * loss), logits
