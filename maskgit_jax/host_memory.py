@@ -19,7 +19,6 @@ Elsewhere than glibc (or when it is off) nothing changes.
 """
 
 import ctypes
-import ctypes.util
 import os
 
 # mallopt parameters from glibc's <malloc.h>.
@@ -36,11 +35,9 @@ GLIBC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_ARENA_MAX": "1",
 
 
 def _glibc():
-  name = ctypes.util.find_library("c")
-  try:
-    libc = ctypes.CDLL(name or "libc.so.6")
-    libc.gnu_get_libc_version  # pylint: disable=pointless-statement
-  except (OSError, AttributeError):
+  """The process's own C library if it is glibc (no ldconfig lookup)."""
+  libc = ctypes.CDLL(None)
+  if not hasattr(libc, "gnu_get_libc_version"):
     return None  # musl, macOS: their allocators are left as they are.
   return libc
 

@@ -9,7 +9,7 @@ mix), so outputs are unchanged. On accelerators slicing only shrinks the
 matmuls, so the default there is a single stream.
 """
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,34 +25,50 @@ def default_streams(batch_size: int, backend: Optional[str] = None,
   return max(n for n in range(1, limit + 1) if batch_size % n == 0)
 
 
+def split(tree: Any, num: int) -> Any:
+  """[B, ...] leaves -> [num, B / num, ...]; slice k holds rows k, k + num,
+  k + 2 num, ... A batch sharded over devices in contiguous blocks keeps
+  every slice on all of them (when B is divisible by num x devices)."""
+  def one(x):
+    rows, rest = divmod(x.shape[0], num)
+    if rest:
+      raise ValueError(f"A batch of {x.shape[0]} rows cannot be split into "
+                       f"{num} equal slices.")
+    return jnp.swapaxes(x.reshape((rows, num) + x.shape[1:]), 0, 1)
+  return jax.tree.map(one, tree)
+
+
+def merge(tree: Any) -> Any:
+  """The inverse of `split`: [num, B / num, ...] -> [B, ...]."""
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), tree)
+
+
 def in_streams(fn: Callable, *arrays: jnp.ndarray,
                num_streams: Optional[int] = None,
                rng: Optional[jax.Array] = None):
   """fn(*arrays), computed as `num_streams` slices of the leading axis.
 
   `fn` must treat examples independently (no batch statistics). Outputs are
-  any pytree of arrays with the batch axis first. Slice k holds rows k,
-  k + n, k + 2n, ... (as accumulate.split lays out micro-batches), so a
-  batch sharded over devices in contiguous blocks keeps every slice on all
-  of them. With `rng`, fn is called as fn(*slices, rng=key): slice k gets
+  any pytree of arrays with the batch axis first. The slices are `split`'s.
+  With `rng`, fn is called as fn(*slices, rng=key): slice k gets
   fold_in(rng, k) (a single stream gets rng itself), so random draws such
   as dropout differ between slices.
   """
   batch = arrays[0].shape[0]
   num_streams = num_streams or default_streams(batch)
-  extra = {} if rng is None else {"rng": rng}
-  if num_streams == 1:
-    return fn(*arrays, **extra)
   if batch % num_streams:
     raise ValueError(f"batch {batch} is not divisible into {num_streams} "
                      "streams.")
-  strided = [x.reshape((batch // num_streams, num_streams) + x.shape[1:])
-             for x in arrays]
-  outputs = []
-  for k in range(num_streams):
-    if rng is not None:
-      extra = {"rng": jax.random.fold_in(rng, k)}
-    outputs.append(fn(*(x[:, k] for x in strided), **extra))
-  return jax.tree.map(
-      lambda *xs: jnp.stack(xs, axis=1).reshape((batch,) + xs[0].shape[1:]),
-      *outputs)
+
+  def call(parts, k):
+    if rng is None:
+      return fn(*parts)
+    return fn(*parts, rng=rng if num_streams == 1 else
+              jax.random.fold_in(rng, k))
+
+  if num_streams == 1:
+    return call(arrays, 0)
+  slices = split(arrays, num_streams)
+  outputs = [call([x[k] for x in slices], k) for k in range(num_streams)]
+  return merge(jax.tree.map(lambda *xs: jnp.stack(xs), *outputs))

@@ -31,6 +31,8 @@ from typing import Any, Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from maskgit_jax import streams
+
 # fn(micro_batch, rng) -> (summed, kept): `summed` is added up (or averaged)
 # over micro-batches, `kept` is put back together into whole-batch arrays.
 MicroStep = Callable[[Any, Optional[jax.Array]], Tuple[Any, Any]]
@@ -52,23 +54,9 @@ def validate(steps: Any, batch_size: int) -> None:
         "equal size.")
 
 
-def split(tree: Any, steps: int) -> Any:
-  """[B, ...] leaves -> [steps, B / steps, ...]; micro-batch k holds rows
-  k, k + steps, k + 2 steps, ... (see the module docstring)."""
-  def one(x):
-    rows, rest = divmod(x.shape[0], steps)
-    if rest:
-      raise ValueError(f"A batch of {x.shape[0]} rows cannot be split into "
-                       f"{steps} equal micro-batches.")
-    return jnp.swapaxes(x.reshape((rows, steps) + x.shape[1:]), 0, 1)
-  return jax.tree.map(one, tree)
-
-
-def merge(tree: Any) -> Any:
-  """The inverse of `split`: [steps, B / steps, ...] -> [B, ...]."""
-  def one(x):
-    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
-  return jax.tree.map(one, tree)
+# Micro-batch k is rows k, k + K, ...: the layout streams.py slices in.
+split = streams.split
+merge = streams.merge
 
 
 def sum_over_microbatches(fn: MicroStep, batch: Any, steps: int,
