@@ -39,6 +39,14 @@ def test_label_dropout_out_of_range_is_refused(value):
     jobs.validate(config)
 
 
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_sampling_temperature_must_be_positive(value):
+  config = load("maskgit_fashion_mnist.py")
+  config.sampling.temperature = value
+  with pytest.raises(ValueError, match=r"sampling\.temperature="):
+    jobs.validate(config)
+
+
 def test_codebook_usage_window_must_be_positive():
   config = load("vqgan_fashion_mnist.py")
   config.codebook_usage_window = 0

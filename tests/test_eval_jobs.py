@@ -88,6 +88,17 @@ def test_sweep_writes_one_result_per_value_and_a_plot(
   config.eval.sweep.guidance_scale = (0.0, 1.0)
   with pytest.raises(ValueError, match="one of"):
     jobs.run("eval", config, transformer_run.workdir)
+  config.eval.sweep.update(num_iter=(), guidance_scale=(),
+                           temperature=(1.0, 0.0))
+  with pytest.raises(ValueError, match=r"temperature=0\.0.*> 0"):
+    jobs.run("eval", config, transformer_run.workdir)
+  # The token temperature is a traced knob: a sweep reuses one program, and
+  # a near-zero temperature (argmax draws) gives other samples than 1.
+  config.eval.sweep.temperature = (1.0, 0.01)
+  report = jobs.run("eval", config, transformer_run.workdir)
+  assert [r["settings"]["temperature"] for r in report["results"]] == [
+      1.0, 0.01]
+  assert report["results"][0]["fid"] != report["results"][1]["fid"]
 
 
 def test_tokenizer_eval_through_main(tokenizer_run, classifier_file,

@@ -435,11 +435,11 @@ class MakeViews(grain.transforms.Map):
 
   def map(self, element: Dict[str, Any]) -> Example:
     image = np.asarray(element["image"])
-    flips = (False, True) if self.flip else (False,)
-    views = [crop_resize(image, box, self.image_size, flip)
-             for box in self.boxes(image.shape[0], image.shape[1],
-                                   element["index"])
-             for flip in flips]
+    views = []
+    for box in self.boxes(image.shape[0], image.shape[1], element["index"]):
+      views.append(crop_resize(image, box, self.image_size))
+      if self.flip:  # The mirror of the resized crop: one resample, not two.
+        views.append(views[-1][:, ::-1])
     return {"views": np.stack(views), "label": np.int32(element["label"])}
 
 

@@ -32,7 +32,7 @@ from maskgit_jax.evaluation import plot
 from maskgit_jax.evaluation import statistics
 
 SWEEPABLE = ("num_iter", "mask_schedule", "choice_temperature",
-             "guidance_scale")
+             "guidance_scale", "temperature")
 METRICS = ("fid", "inception_score", "precision", "recall",
            "classifier_accuracy", "cas")
 
@@ -43,7 +43,8 @@ def sampling_settings(config: ml_collections.ConfigDict
   base = {"num_iter": int(config.sampling.num_iter),
           "mask_schedule": config.mask_schedule,
           "choice_temperature": float(config.sampling.choice_temperature),
-          "guidance_scale": float(config.sampling.guidance_scale)}
+          "guidance_scale": float(config.sampling.guidance_scale),
+          "temperature": float(config.sampling.get("temperature", 1.0))}
   swept = [k for k in SWEEPABLE if tuple(config.eval.sweep.get(k, ()))]
   if len(swept) > 1:
     raise ValueError(f"config.eval.sweep sweeps {swept}; sweep one of "
@@ -64,6 +65,9 @@ def _check(config: ml_collections.ConfigDict, has_unconditional: bool,
       raise ValueError(f"config.eval.{key} must be >= 1, got {e[key]}.")
   for setting in settings:
     schedules.validate(setting["mask_schedule"])
+    if not setting["temperature"] > 0:
+      raise ValueError(f"temperature={setting['temperature']}: the token "
+                       "sampling temperature must be > 0.")
     if setting["guidance_scale"] > 0 and not has_unconditional:
       raise ValueError(
           f"guidance_scale={setting['guidance_scale']} needs a transformer "
@@ -148,7 +152,8 @@ def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
       sampling=dict(num_iter=setting["num_iter"],
                     schedule=setting["mask_schedule"],
                     choice_temperature=setting["choice_temperature"],
-                    guidance_scale=setting["guidance_scale"]))
+                    guidance_scale=setting["guidance_scale"],
+                    temperature=setting["temperature"]))
   total = -(-len(mine) // int(config.eval_batch_size))
   for images, labels in tqdm.tqdm(batches, total=total, unit="batch",
                                   desc=f"eval seed {seed}",
@@ -235,8 +240,10 @@ def _default_name(swept: Optional[str], settings: List[Dict[str, Any]]) -> str:
   if swept:
     return f"sweep_{swept}"
   s = settings[0]
-  return (f"iter{s['num_iter']}_{s['mask_schedule']}_"
+  name = (f"iter{s['num_iter']}_{s['mask_schedule']}_"
           f"t{s['choice_temperature']:g}_g{s['guidance_scale']:g}")
+  # Runs at the default temperature keep the names they always had.
+  return name + (f"_T{s['temperature']:g}" if s["temperature"] != 1 else "")
 
 
 def real_ceiling(net, reference, train: Tuple[np.ndarray, np.ndarray],

@@ -48,6 +48,7 @@ def sample_grid(pipe, config, path: str) -> dict:
       pipe, classes, batch_size=config.eval_batch_size, seed=config.seed,
       sampling=dict(num_iter=s.num_iter,
                     choice_temperature=s.choice_temperature,
-                    guidance_scale=s.guidance_scale))
+                    guidance_scale=s.guidance_scale,
+                    temperature=s.get("temperature", 1.0)))
   save_png(grid(images, rows=pipe.num_classes), path)
   return {}

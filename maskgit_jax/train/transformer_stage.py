@@ -40,6 +40,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.label_dropout < 1.0:
     raise ValueError(f"config.label_dropout={config.label_dropout}; valid: "
                      "[0, 1).")
+  if not config.sampling.temperature > 0:
+    raise ValueError(f"config.sampling.temperature="
+                     f"{config.sampling.temperature}; valid: > 0.")
   check_guidance(config, workdir_lib.has_unconditional(config))
 
 
