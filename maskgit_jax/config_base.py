@@ -157,9 +157,9 @@ def transformer_config() -> ml_collections.ConfigDict:
       warmup_steps=5000, schedule="cosine", grad_clip_norm=1.0))
   c.sampling = ml_collections.ConfigDict(dict(
       num_iter=8, choice_temperature=4.5, guidance_scale=0.0,
-      # Softmax temperature of the token draws (1: the model's distribution,
-      # as the official sampler draws). Below 1 it undoes some of the
-      # probability that label smoothing spreads over every code.
+      # Softmax temperature of the token draws: 1 draws from the model's
+      # distribution, as the official sampler does; above 1 gives more
+      # varied samples, below 1 more typical ones.
       temperature=1.0,
       samples_per_class=4))
   c.eval = _eval_config()
