@@ -42,9 +42,9 @@ def get_config(arg: str = ""):
   # The token cache holds each image's centre crop, not its mirror image:
   # Fashion-MNIST's shoes face one way (all ankle boots and 99.7% of
   # sneakers lie nearer their class's mean image than their mirror images
-  # do), and a transformer
-  # trained on mirror images too drew worse samples (FID 81 against 50 at
-  # the same recipe and sampling). One view also halves the tokenize time.
+  # do), and a transformer trained on mirror images too drew worse samples
+  # (FID 81 against 50 at the same recipe and sampling). One view also
+  # halves the tokenize time.
   c.tokenize.flip = False
   if arg == "tiny":
     c.vqgan.update(filters=8, embedding_dim=8, codebook_size=16, num_groups=4)

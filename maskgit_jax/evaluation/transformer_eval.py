@@ -44,7 +44,7 @@ def sampling_settings(config: ml_collections.ConfigDict
           "mask_schedule": config.mask_schedule,
           "choice_temperature": float(config.sampling.choice_temperature),
           "guidance_scale": float(config.sampling.guidance_scale),
-          "temperature": float(config.sampling.get("temperature", 1.0))}
+          "temperature": float(config.sampling.temperature)}
   swept = [k for k in SWEEPABLE if tuple(config.eval.sweep.get(k, ()))]
   if len(swept) > 1:
     raise ValueError(f"config.eval.sweep sweeps {swept}; sweep one of "

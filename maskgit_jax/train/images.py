@@ -49,6 +49,6 @@ def sample_grid(pipe, config, path: str) -> dict:
       sampling=dict(num_iter=s.num_iter,
                     choice_temperature=s.choice_temperature,
                     guidance_scale=s.guidance_scale,
-                    temperature=s.get("temperature", 1.0)))
+                    temperature=s.temperature))
   save_png(grid(images, rows=pipe.num_classes), path)
   return {}

@@ -40,10 +40,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.label_dropout < 1.0:
     raise ValueError(f"config.label_dropout={config.label_dropout}; valid: "
                      "[0, 1).")
-  temperature = config.sampling.get("temperature", 1.0)
-  if not temperature > 0:
-    raise ValueError(f"config.sampling.temperature={temperature}; valid: "
-                     "> 0.")
+  if not config.sampling.temperature > 0:
+    raise ValueError(f"config.sampling.temperature="
+                     f"{config.sampling.temperature}; valid: > 0.")
   check_guidance(config, workdir_lib.has_unconditional(config))
 
 
