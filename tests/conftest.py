@@ -4,10 +4,12 @@ XLA reads the flag when jax starts, so it must be set before any test module
 imports jax. Unsharded computations still run on one device.
 
 The tests' programs are tiny and mostly compiled to run a few times, so
-compiling dominates: XLA:CPU's backend optimisation level 1 (LLVM -O1, not
-the default -O3) compiles markedly faster and runs about as fast (-O0
-compiles faster still but runs ten times slower). The HLO passes are the
-same. Set --xla_backend_optimization_level in XLA_FLAGS to override it;
+compiling dominates: XLA:CPU's backend optimisation level 0 (LLVM -O0, not
+the default -O3) compiles about twice as fast as -O1, and although its
+programs run about four times slower, the whole suite took 9:51 instead of
+11:47-12:04 at -O1 on a 2-core machine (2026-12-07). The HLO passes are the
+same, and so are the numbers (no fast-math either way). Set
+--xla_backend_optimization_level in XLA_FLAGS to override it;
 `helpers.run_main` passes it on to the entry point's processes.
 
 Many tests (and the entry-point processes they start) compile the same
@@ -27,7 +29,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit  # pylint: disable=g-import-not-at-top
@@ -124,15 +126,24 @@ def transformer_workdir(transformer_run):
   return transformer_run.workdir
 
 
-# The files that take longest (about a minute of CPU each on 2 cores), in
+# The files that take longest (a minute or more of CPU each on 2 cores), in
 # the order xdist should hand them out: first, so that the workers end
-# together rather than one finishing a long file alone; those that train
-# the session's workdirs alternate with those that do not, so that a worker
-# seldom waits for the other's training.
-LONG_FILES_FIRST = ("test_eval_jobs.py", "test_sharding.py",
-                    "test_transformer_stage.py", "test_official.py",
-                    "test_multiprocess.py", "test_tokenizer_stage.py",
-                    "test_benchmarks.py")
+# together rather than one finishing a long file alone. Each worker starts
+# with two files: the first worker builds the session's trained workdirs
+# (test_eval_jobs needs them at once) while the second runs long files that
+# do not need them (test_tokenizer_stage reads them only in its last test).
+LONG_FILES_FIRST = ("test_eval_jobs.py", "test_tokenizer_stage.py",
+                    "test_transformer_stage.py", "test_sharding.py",
+                    "test_multiprocess.py", "test_official.py",
+                    "test_benchmarks.py", "test_plan.py", "test_models.py")
+
+
+def pytest_configure(config):
+  # pytest-xdist >= 3.6 hands out files with the most tests first unless
+  # told otherwise, which would put the few long tests of the files above
+  # last (the suite took 12 min instead of 10 on 2 cores).
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):

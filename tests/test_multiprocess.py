@@ -1,5 +1,5 @@
-"""Several processes train like one: 2 local processes x 4 CPU devices
-against 1 process x 8 devices, same global batch, through the real entry
+"""Several processes train like one: 2 local processes x 2 CPU devices
+against 1 process x 4 devices, same global batch, through the real entry
 point; checkpoints move between the two layouts; only process 0 writes the
 run's shared files."""
 
@@ -90,8 +90,8 @@ def test_two_process_tokenizer_trains_like_one(tokenizer_run, data_dirs,
                                                tmp_path):
   one, two = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
   args = tokenizer_args(data_dirs)
-  run_job([*args, f"--workdir={one}", "--config.num_train_steps=2"], 1, 8)
-  run_job([*args, f"--workdir={two}", "--config.num_train_steps=2"], 2, 4)
+  run_job([*args, f"--workdir={one}", "--config.num_train_steps=2"], 1, 4)
+  run_job([*args, f"--workdir={two}", "--config.num_train_steps=2"], 2, 2)
   assert_trees_close(ema_params(two, "tokenizer", None),
                      ema_params(one, "tokenizer", None))
   assert logged_steps(two) == [1, 2]  # only process 0 logged
@@ -105,15 +105,15 @@ def test_two_process_transformer_trains_like_one_and_swaps_checkpoints(
   params = lambda workdir: ema_params(workdir, "transformer",
                                       tokenizer_workdir)
   one, two = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
-  run_job([*args, f"--workdir={one}", "--config.num_train_steps=2"], 1, 8)
-  run_job([*args, f"--workdir={two}", "--config.num_train_steps=2"], 2, 4)
+  run_job([*args, f"--workdir={one}", "--config.num_train_steps=2"], 1, 4)
+  run_job([*args, f"--workdir={two}", "--config.num_train_steps=2"], 2, 2)
   assert_trees_close(params(two), params(one))
   # Only process 0 wrote the logs: one row per step, one event file.
   assert logged_steps(two) == [1, 2]
   assert len(os.listdir(os.path.join(two, "tensorboard"))) == 1
   # Each run resumes in the other layout (the data continues after the
   # checkpoint's global batches) and they stay together.
-  run_job([*args, f"--workdir={one}", "--config.num_train_steps=4"], 2, 4)
-  run_job([*args, f"--workdir={two}", "--config.num_train_steps=4"], 1, 8)
+  run_job([*args, f"--workdir={one}", "--config.num_train_steps=4"], 2, 2)
+  run_job([*args, f"--workdir={two}", "--config.num_train_steps=4"], 1, 4)
   assert_trees_close(params(two), params(one))
   assert logged_steps(one) == logged_steps(two) == [1, 2, 3, 4]
