@@ -83,7 +83,9 @@ def measure_ceiling(tokenizer, transformer) -> dict:
   from maskgit_jax.evaluation import transformer_eval
   data, e = tokenizer.data, transformer.eval
   net = features.from_config(e)
-  reference = features.reference_stats(net, e, data, batch_size=500, seed=0)
+  # The eval job's reference (its seed), read back from the cache.
+  reference = features.reference_stats(net, e, data, batch_size=500,
+                                       seed=transformer.seed)
   take = lambda split, n: [np.concatenate(part) for part in zip(
       *features.real_batches(data, split=split, batch_size=1000, limit=n,
                              seed=0))]

@@ -695,3 +695,59 @@ def test_processes_building_one_dataset_at_once_build_it_once(tmp_path):
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err[-2000:]
     assert f"records {helpers.NUM_TRAIN}" in out
+
+
+# Splits held in memory (data.in_memory).
+
+
+@pytest.fixture(scope="module")
+def garment_config(tmp_path_factory):
+  """The helpers' garment images (not constant: resampling shows in every
+  pixel), as a Fashion-MNIST data config."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path_factory.mktemp("garments"))
+  helpers.write_garments(root)
+  config = input_pipeline.default_data_config()
+  config.update(data_dir=str(tmp_path_factory.mktemp("tfds")),
+                source_dir=root, image_size=32)
+  return config
+
+
+def test_in_memory_source_gives_the_records_and_batches_of_tfds(
+    garment_config):
+  on_disk = garment_config.copy_and_resolve_references()
+  in_memory = garment_config.copy_and_resolve_references()
+  in_memory.in_memory = True
+  disk, memory = (sources.build_source(c, "train") for c in (on_disk,
+                                                              in_memory))
+  assert "InMemorySource" in repr(memory) and len(memory) == len(disk)
+  for i in range(len(disk)):
+    want, got = disk[i], memory[i]
+    assert got.keys() == want.keys() and got["label"] == want["label"]
+    assert type(got["label"]) is type(want["label"])
+    np.testing.assert_array_equal(got["image"], want["image"])
+  # Read once per process: every job of the process shares it.
+  assert sources.build_source(in_memory, "train") is memory
+  # A transform writing into its record leaves the dataset as it was.
+  memory[0]["image"][:] = 0
+  np.testing.assert_array_equal(memory[0]["image"], disk[0]["image"])
+
+  def batches(config, train):
+    return take(input_pipeline.make_image_iterator(
+        config, split="train", global_batch_size=4, seed=3, train=train,
+        process_index=0, process_count=1), 3)
+  for train in (True, False):
+    assert_batches_equal(batches(in_memory, train), batches(on_disk, train))
+  views = [take(input_pipeline.make_view_iterator(
+      c, split="test", global_batch_size=4, num_crops=2, flip=True, seed=1,
+      process_index=0, process_count=1), 2) for c in (in_memory, on_disk)]
+  assert_batches_equal(*views)
+
+
+def test_in_memory_needs_fields_of_one_shape():
+  from maskgit_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+  records = [{"image": np.zeros((28, 28, 3), np.uint8), "label": 0},
+             {"image": np.zeros((30, 28, 3), np.uint8), "label": 1}]
+  with pytest.raises(ValueError, match=r"'image' to have one shape.*"
+                     r"data.in_memory=False"):
+    in_memory.read_columns(records, "folder train")

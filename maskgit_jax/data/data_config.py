@@ -25,6 +25,10 @@ JAX or grain.
     training crop, drawn log-uniformly; (1, 1) keeps crops square, so
     objects are never stretched.
   random_flip: flip training images left-right with probability 1/2.
+  in_memory: read each split once, decode it, and serve it from memory
+    (`in_memory.InMemorySource`; the same records, order and values). For
+    small datasets whose images share one shape (Fashion-MNIST: 47 MiB);
+    it saves a record decode (0.3-0.5 ms) on every read after the first.
   worker_count: grain worker processes (0: all in this process). More than 0
     needs absl flags parsed first (absl.app.run does it).
   worker_buffer_size: batches each worker prepares ahead.
@@ -49,6 +53,7 @@ def default_data_config() -> config_dict.ConfigDict:
   config.random_resized_crop_scale = (0.8, 1.0)
   config.random_resized_crop_ratio = (1.0, 1.0)
   config.random_flip = True
+  config.in_memory = False
   config.worker_count = 0
   config.worker_buffer_size = 2
   config.read_threads = 4

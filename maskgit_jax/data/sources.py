@@ -19,6 +19,10 @@
 
   (that step may need TensorFlow installed; reading afterwards does not).
 
+With `data.in_memory` a split is read and decoded once per process and
+then served from memory (`in_memory.InMemorySource`): the same records in
+the same order, for small datasets such as Fashion-MNIST.
+
 The local datasets are built under a file lock in the data_dir, so the
 processes of a multi-process job build one once (the others wait for it).
 """
@@ -31,6 +35,7 @@ from ml_collections import config_dict
 
 from maskgit_jax.data import fashion_mnist
 from maskgit_jax.data import image_folder
+from maskgit_jax.data import in_memory
 
 LOCAL_SOURCES = ("fashion_mnist", "image_folder")
 
@@ -120,8 +125,12 @@ def build_source(data_config: config_dict.ConfigDict, split: str):
   if any(name not in builder.info.splits for name in names):
     raise ValueError(f"Dataset {data_config.name!r} has no split {split!r}; "
                      f"valid splits: {sorted(builder.info.splits)}.")
-  return builder.as_data_source(split=split,
-                                file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  source = builder.as_data_source(
+      split=split, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  if data_config.get("in_memory", False):
+    return in_memory.load(source, key=(os.fspath(builder.data_dir), split),
+                          name=f"{data_config.name} {split}")
+  return source
 
 
 def num_classes(data_config: config_dict.ConfigDict) -> int:
