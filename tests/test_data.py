@@ -701,15 +701,12 @@ def test_processes_building_one_dataset_at_once_build_it_once(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def garment_config(tmp_path_factory):
-  """The helpers' garment images (not constant: resampling shows in every
+def garment_config(data_dirs):
+  """The session's garment images (not constant: resampling shows in every
   pixel), as a Fashion-MNIST data config."""
-  import helpers  # pylint: disable=g-import-not-at-top
-  root = str(tmp_path_factory.mktemp("garments"))
-  helpers.write_garments(root)
   config = input_pipeline.default_data_config()
-  config.update(data_dir=str(tmp_path_factory.mktemp("tfds")),
-                source_dir=root, image_size=32)
+  config.update(source_dir=data_dirs[0], data_dir=data_dirs[1],
+                image_size=32)
   return config
 
 

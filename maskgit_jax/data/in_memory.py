@@ -15,7 +15,7 @@ shape (Fashion-MNIST; not image folders of mixed sizes).
 """
 
 import threading
-from typing import Any, Dict, Hashable, List, Sequence
+from typing import Any, Dict, Hashable, List
 
 import numpy as np
 import tqdm
@@ -41,15 +41,11 @@ class InMemorySource:
     return self._length
 
   def __getitem__(self, index: int) -> Dict[str, Any]:
-    # A copy of each row: a transform that writes into its input must not
-    # change the dataset.
-    # Scalars go back to Python values, as TFDS gives them.
+    # Arrays are copied (a transform that writes into its input must not
+    # change the dataset); scalars become Python values, as TFDS gives them.
     return {key: np.array(column[index]) if column.ndim > 1
             else column[index].item()
             for key, column in self._columns.items()}
-
-  def __getitems__(self, indices: Sequence[int]) -> List[Dict[str, Any]]:
-    return [self[int(i)] for i in indices]
 
   @property
   def nbytes(self) -> int:
