@@ -61,7 +61,7 @@ def train_feature_classifier(data, path: str) -> float:
   from maskgit_jax.evaluation import features
   load = lambda split: [np.concatenate(part) for part in zip(
       *features.real_batches(data, split=split, batch_size=1000,
-                             limit=10**9, seed=0))]
+                             limit=10**9))]
   test_images, test_labels = load(data.eval_split)
   if os.path.exists(path):
     params, _ = classifier.load_classifier(path)
@@ -87,8 +87,8 @@ def measure_ceiling(tokenizer, transformer) -> dict:
   reference = features.reference_stats(net, e, data, batch_size=500,
                                        seed=transformer.seed)
   take = lambda split, n: [np.concatenate(part) for part in zip(
-      *features.real_batches(data, split=split, batch_size=1000, limit=n,
-                             seed=0))]
+      *features.real_batches(data, split=split, batch_size=1000,
+                             limit=n))]
   return transformer_eval.real_ceiling(
       net, reference, take(data.train_split, int(e.num_samples)),
       take(data.eval_split, int(e.num_reference)), num_classes=10,

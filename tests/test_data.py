@@ -741,6 +741,32 @@ def test_in_memory_source_gives_the_records_and_batches_of_tfds(
   assert_batches_equal(*views)
 
 
+@pytest.mark.parametrize("split,batch_size", [("train", 7), ("test", 64)])
+def test_in_memory_eval_batches_are_the_eval_iterators(garment_config, split,
+                                                       batch_size):
+  """Evaluation passes over a split in memory slice views computed once per
+  process: the batches (values, dtypes, a smaller last one) of grain's
+  evaluation iterator over the split on disk."""
+  in_memory = garment_config.copy_and_resolve_references()
+  in_memory.in_memory = True
+  want = list(input_pipeline.make_image_iterator(
+      garment_config, split=split, global_batch_size=batch_size, seed=0,
+      train=False, process_index=0, process_count=1))
+  for _ in range(2):  # The second pass reuses the first's views.
+    got = list(input_pipeline.eval_batches(in_memory, split=split,
+                                           batch_size=batch_size))
+    assert_batches_equal(got, want)
+    for g, w in zip(got, want):
+      assert {k: v.dtype for k, v in g.items()} == {
+          k: v.dtype for k, v in w.items()}
+  source = sources.build_source(in_memory, split)
+  assert input_pipeline.centre_views(source, 32) is input_pipeline.centre_views(
+      source, 32)
+  # Without data.in_memory the same function is grain's iterator.
+  assert_batches_equal(list(input_pipeline.eval_batches(
+      garment_config, split=split, batch_size=batch_size)), want)
+
+
 def test_in_memory_needs_fields_of_one_shape():
   from maskgit_jax.data import in_memory  # pylint: disable=g-import-not-at-top
   records = [{"image": np.zeros((28, 28, 3), np.uint8), "label": 0},

@@ -155,6 +155,26 @@ def test_views_of_a_record_range_are_those_of_the_whole_split(data_config):
       np.concatenate([b["views"] for b in batches]), whole[2:5])
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_in_memory_centre_views_are_the_view_iterators(data_config, flip):
+  """With the split in memory, the centre views of a record range are
+  sliced from views computed once: the same batches as grain's."""
+  config = tokenizer_config(data_config, num_crops=0, flip=flip)
+  config.data = data_config.copy_and_resolve_references()
+  config.data.in_memory = True
+  batches = list(token_cache.view_batches(config, range(1, 5), 3))
+  assert "views" in batches[0] and "image" not in batches[0]
+  want = list(input_pipeline.make_view_iterator(
+      data_config, split="train", global_batch_size=NUM_TRAIN, num_crops=0,
+      flip=flip, seed=config.seed, process_index=0, process_count=1))[0]
+  got = {key: np.concatenate([b[key] for b in batches])
+         for key in ("views", "label")}
+  assert [len(b["label"]) for b in batches] == [3, 1]
+  for key in ("views", "label"):
+    assert got[key].dtype == want[key].dtype
+    np.testing.assert_array_equal(got[key], want[key][1:5])
+
+
 def test_parts_concatenate_into_the_single_writer_files(data_config,
                                                         tmp_path):
   config = tokenizer_config(data_config)

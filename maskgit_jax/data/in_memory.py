@@ -15,7 +15,7 @@ shape (Fashion-MNIST; not image folders of mixed sizes).
 """
 
 import threading
-from typing import Any, Dict, Hashable, List
+from typing import Any, Callable, Dict, Hashable, List
 
 import numpy as np
 import tqdm
@@ -36,6 +36,8 @@ class InMemorySource:
       raise ValueError(f"Columns of different lengths: {lengths}.")
     self._columns, self._name = columns, name
     self._length = next(iter(lengths.values()))
+    self._derived: Dict[Hashable, Any] = {}
+    self._derived_lock = threading.Lock()
 
   def __len__(self) -> int:
     return self._length
@@ -46,6 +48,19 @@ class InMemorySource:
     return {key: np.array(column[index]) if column.ndim > 1
             else column[index].item()
             for key, column in self._columns.items()}
+
+  def derived(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+    """`compute()`, run once per `key` for this split and then kept: for
+    whole-split arrays that every pass would otherwise redo record by
+    record (the evaluation views, `input_pipeline.centre_views`)."""
+    with self._derived_lock:
+      if key not in self._derived:
+        self._derived[key] = compute()
+      return self._derived[key]
+
+  @property
+  def name(self) -> str:
+    return self._name
 
   @property
   def nbytes(self) -> int:

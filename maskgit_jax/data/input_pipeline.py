@@ -33,14 +33,16 @@ The data config's keys are described in `data_config`.
 import json
 import math
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grain
 import jax
 import numpy as np
 import PIL.Image
+import tqdm
 from ml_collections import config_dict
 
+from maskgit_jax.data import in_memory
 from maskgit_jax.data import sources
 from maskgit_jax.data.data_config import default_data_config  # noqa: F401
 
@@ -76,9 +78,9 @@ def center_square_box(height: int, width: int) -> Tuple[float, ...]:
   return (left, top, left + side, top + side)
 
 
-def crop_resize(image: np.ndarray, box: Sequence[float], size: int,
-                flip: bool = False) -> np.ndarray:
-  """Crops `box` of a uint8 image and resizes it to float32 [size, size, 3].
+def crop_resize_uint8(image: np.ndarray, box: Sequence[float], size: int,
+                      flip: bool = False) -> np.ndarray:
+  """Crops `box` of a uint8 image and resizes it to uint8 [size, size, 3].
 
   One antialiased bicubic resample (PIL) does both; `flip` mirrors the result
   left-right. Grayscale becomes three equal channels; alpha is dropped.
@@ -91,10 +93,21 @@ def crop_resize(image: np.ndarray, box: Sequence[float], size: int,
   pil = pil.resize((size, size), PIL.Image.Resampling.BICUBIC, box=tuple(box))
   if flip:
     pil = pil.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-  out = np.asarray(pil, dtype=np.float32) * np.float32(1 / 255)
+  out = np.asarray(pil)
   if out.ndim == 2:
     out = np.repeat(out[..., None], 3, axis=-1)
   return out
+
+
+def unit_float(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [0, 1], the pipelines' output."""
+  return images.astype(np.float32) * np.float32(1 / 255)
+
+
+def crop_resize(image: np.ndarray, box: Sequence[float], size: int,
+                flip: bool = False) -> np.ndarray:
+  """`crop_resize_uint8` as float32 [size, size, 3] in [0, 1]."""
+  return unit_float(crop_resize_uint8(image, box, size, flip))
 
 
 class TrainAugment(grain.transforms.RandomMap):
@@ -376,6 +389,64 @@ def make_image_iterator(data_config: config_dict.ConfigDict, *, split: str,
       process_index=process_index, process_count=process_count,
       **loader_options(data_config))
   return iter(loader)
+
+
+# Evaluation passes over splits held in memory.
+
+
+def centre_views(source: in_memory.InMemorySource, image_size: int
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+  """uint8 [N, S, S, 3] centre views (`EvalPreprocess`) and int32 [N] labels
+  of every record of an in-memory split, computed once per process."""
+  def compute():
+    images = np.empty((len(source), image_size, image_size, 3), np.uint8)
+    labels = np.empty((len(source),), np.int32)
+    for index in tqdm.trange(len(source), unit="image", leave=False,
+                             desc=f"evaluation views of {source.name}"):
+      record = source[index]
+      image = np.asarray(record["image"])
+      images[index] = crop_resize_uint8(
+          image, center_square_box(image.shape[0], image.shape[1]),
+          image_size)
+      labels[index] = record["label"]
+    return images, labels
+  return source.derived(("centre_views", int(image_size)), compute)
+
+
+def eval_batches(data_config: config_dict.ConfigDict, *, split: str,
+                 batch_size: int) -> Iterator[Example]:
+  """One pass over `split` in record order with the evaluation crop, the
+  last batch smaller, for one process: the batches of `make_image_iterator(
+  train=False, process_index=0, process_count=1)`. A split held in memory
+  (`data.in_memory`) is preprocessed once per process and then sliced,
+  without grain's per-record work (about 0.2 ms a record on one core)."""
+  source = sources.build_source(data_config, split)
+  if not isinstance(source, in_memory.InMemorySource):
+    yield from make_image_iterator(
+        data_config, split=split, global_batch_size=batch_size, seed=0,
+        train=False, process_index=0, process_count=1)
+    return
+  images, labels = centre_views(source, _image_size(data_config))
+  for start in range(0, len(images), batch_size):
+    yield {"image": unit_float(images[start:start + batch_size]),
+           "label": labels[start:start + batch_size]}
+
+
+def centre_view_batches(source: in_memory.InMemorySource, records: range, *,
+                        image_size: int, flip: bool, batch_size: int
+                        ) -> Iterator[Example]:
+  """`make_view_iterator`'s batches for `records` of an in-memory split with
+  num_crops=0: {"views": float32 [b, V, S, S, 3], "label": int32 [b]}, the
+  centre view then (with `flip`) its mirror image, sliced from
+  `centre_views`."""
+  images, labels = centre_views(source, image_size)
+  records = np.asarray(records, np.int64)
+  for start in range(0, len(records), batch_size):
+    chosen = records[start:start + batch_size]
+    views = unit_float(images[chosen])
+    views = (np.stack([views, views[:, :, ::-1]], axis=1) if flip
+             else views[:, None])
+    yield {"views": views, "label": labels[chosen]}
 
 
 # Views for the token cache (--mode=tokenize).

@@ -74,16 +74,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def real_batches(data_config: ml_collections.ConfigDict, *, split: str,
-                 batch_size: int, limit: int, seed: int
+                 batch_size: int, limit: int
                  ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """(uint8 images, labels) of the first `limit` records of a split, with
   the evaluation preprocessing (centre crop at data.image_size)."""
   from maskgit_jax.data import input_pipeline
-  iterator = input_pipeline.make_image_iterator(
-      data_config, split=split, global_batch_size=batch_size, seed=seed,
-      train=False, process_index=0, process_count=1)
   taken = 0
-  for batch in iterator:
+  for batch in input_pipeline.eval_batches(data_config, split=split,
+                                           batch_size=batch_size):
     if taken >= limit:
       break
     images = to_uint8(batch["image"])[:limit - taken]
@@ -113,7 +111,7 @@ def reference_stats(net: FeatureNetwork,
   for images, _ in tqdm.tqdm(
       real_batches(data_config, split=data_config.eval_split,
                    batch_size=batch_size,
-                   limit=int(eval_config.num_reference), seed=seed),
+                   limit=int(eval_config.num_reference)),
       desc="reference", unit="batch", disable=jax.process_index() != 0):
     stats.update(net.outputs(images)[0])
   reference = reference_lib.ReferenceStats.from_feature_stats(stats)

@@ -57,10 +57,9 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict,
   reference = (features_lib.reference_stats(
       net, config.eval, config.data, batch_size=config.eval_batch_size,
       seed=config.seed) if net is not None else None)
-  iterator = input_pipeline.make_image_iterator(
+  iterator = input_pipeline.eval_batches(
       config.data, split=config.data.eval_split,
-      global_batch_size=config.eval_batch_size, seed=config.seed,
-      train=False, process_index=0, process_count=1)
+      batch_size=int(config.eval_batch_size))
   stats = statistics.FeatureStats()
   psnr, lpips = [], []
   counts = np.zeros(model.codebook_size, np.int64)

@@ -208,7 +208,7 @@ def _real_held_out(config, data) -> Tuple[np.ndarray, np.ndarray]:
   """The eval split's images and labels (what CAS is tested on)."""
   parts = list(features_lib.real_batches(
       data, split=data.eval_split, batch_size=int(config.eval_batch_size),
-      limit=int(config.eval.num_reference), seed=config.seed))
+      limit=int(config.eval.num_reference)))
   return (np.concatenate([images for images, _ in parts]),
           np.concatenate([labels for _, labels in parts]))
 

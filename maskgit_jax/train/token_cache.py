@@ -33,6 +33,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
+from maskgit_jax.data import in_memory
 from maskgit_jax.data import input_pipeline
 from maskgit_jax.data import sources
 from maskgit_jax.data import tokens as tokens_lib
@@ -109,7 +110,12 @@ def view_batches(config: config_dict.ConfigDict, records: range,
                                    tok.num_crops, tok.flip, config.seed,
                                    scale, ratio)
   # pylint: enable=protected-access
-  source = RecordRange(sources.build_source(data, data.train_split), records)
+  split = sources.build_source(data, data.train_split)
+  if isinstance(split, in_memory.InMemorySource) and not views.num_crops:
+    return input_pipeline.centre_view_batches(
+        split, records, image_size=views.image_size, flip=views.flip,
+        batch_size=batch_size)
+  source = RecordRange(split, records)
   return iter(input_pipeline.make_loader(
       source, [views], global_batch_size=batch_size, seed=config.seed,
       shuffle=False, num_epochs=1, drop_remainder=False, process_index=0,
