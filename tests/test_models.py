@@ -237,6 +237,38 @@ def test_straight_through_gradient_reaches_the_encoder():
                      jax.tree.leaves(grads[part]))) > 0, part
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_tokenizer_in_streams_is_the_whole_batch_call(train):
+  """Slicing the encoder and decoder leaves every output and gradient as
+  the plain call's, the batch statistic of the entropy loss included."""
+  model = tiny_vqgan()
+  images = jax.random.uniform(jax.random.key(2), (8, 16, 16, 3))
+  params = jit_init(model, images)["params"]
+
+  def loss(p, streamed):
+    recon, _, losses = (
+        vqgan_lib.apply_in_streams(model, p, images, train, num_streams=4)
+        if streamed else model.apply({"params": p}, images, train=train))
+    return jnp.mean((recon - images) ** 2) + sum(losses.values(), 0.0)
+
+  want = jax.jit(lambda p: model.apply({"params": p}, images, train=train))(
+      params)
+  got = jax.jit(lambda p: vqgan_lib.apply_in_streams(
+      model, p, images, train, num_streams=4))(params)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+  np.testing.assert_array_equal(got[1], want[1])
+  assert got[2].keys() == want[2].keys()
+  for key in want[2]:
+    np.testing.assert_allclose(got[2][key], want[2][key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  if train:
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    for g, w in zip(jax.tree.leaves(grad(params, True)),
+                    jax.tree.leaves(grad(params, False))):
+      scale = float(jnp.max(jnp.abs(w)))
+      np.testing.assert_allclose(g, w, atol=1e-3 * scale + 1e-8)
+
+
 def test_shortcut_projects_the_block_output():
   """The official quirk: out = h + conv1x1(h) when channels change."""
   block = vqgan_lib.ResBlock(filters=8, num_groups=4)

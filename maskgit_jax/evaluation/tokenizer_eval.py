@@ -26,11 +26,12 @@ from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.evaluation import features as features_lib
 from maskgit_jax.evaluation import frechet
 from maskgit_jax.evaluation import statistics
+from maskgit_jax.models import vqgan
 
 
 def reconstruct_and_score(model, params, images):
   """(reconstructions in [0, 1], PSNR [B], code counts)."""
-  recon, indices, _ = model.apply({"params": params}, images)
+  recon, indices, _ = vqgan.apply_in_streams(model, params, images)
   recon = jnp.clip(recon, 0.0, 1.0)
   counts = jnp.bincount(indices.reshape(-1), length=model.codebook_size)
   return recon, losses.psnr(recon, images), counts

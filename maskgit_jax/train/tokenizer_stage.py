@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from maskgit_jax import losses
+from maskgit_jax import streams
 from maskgit_jax import workdir as workdir_lib
 from maskgit_jax.data import input_pipeline
 from maskgit_jax.models import build
@@ -71,7 +72,8 @@ def build_optimizers(config: ml_collections.ConfigDict):
 def reconstruct(model: vqgan_lib.VQGAN, params, images: jnp.ndarray
                 ) -> jnp.ndarray:
   """Images through the tokenizer and back, clipped to [0, 1]."""
-  return jnp.clip(model.apply({"params": params}, images)[0], 0.0, 1.0)
+  recon = vqgan_lib.apply_in_streams(model, params, images)[0]
+  return jnp.clip(recon, 0.0, 1.0)
 
 
 def init_state(config: ml_collections.ConfigDict, model: vqgan_lib.VQGAN,
@@ -109,8 +111,8 @@ def train_step(config: ml_collections.ConfigDict, model: vqgan_lib.VQGAN,
   reconstruction_loss = RECONSTRUCTION[cfg.reconstruction]
 
   def generator_loss(g_params, images):
-    recon, indices, q_losses = model.apply({"params": g_params}, images,
-                                           train=True)
+    recon, indices, q_losses = vqgan_lib.apply_in_streams(
+        model, g_params, images, train=True)
     terms = dict(q_losses)
     terms["reconstruction_loss"] = reconstruction_loss(recon, images)
     terms["perceptual_loss"] = (
@@ -305,8 +307,10 @@ def tokenize_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   if sharding is not None:
     params = jax.device_put(params, jax.sharding.NamedSharding(
         sharding.mesh, jax.sharding.PartitionSpec()))
-  encode_fn = jax.jit(lambda p, x: model.apply(
-      {"params": p}, x, method=model.encode_to_indices))
+  # Each image is encoded on its own, so the batch runs as slices.
+  encode_fn = jax.jit(lambda p, x: streams.in_streams(
+      lambda x: model.apply({"params": p}, x,
+                            method=model.encode_to_indices), x))
 
   def encode(images: np.ndarray) -> jax.Array:
     if sharding is not None:
