@@ -26,9 +26,9 @@ def get_config(arg: str = ""):
   c.label_dropout = 0.1
   c.optimizer.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)
   c.batch_size = 64
-  c.num_train_steps = 1500
+  c.num_train_steps = 2000
   c.checkpoint_every_steps = 500
-  c.eval_every_steps = 1500          # a sample grid costs a compile on CPU
+  c.eval_every_steps = 2000          # a sample grid costs a compile on CPU
   c.log_every_steps = 50
   c.ema_decay = 0.995
   # Measured on the demo's models at 10,000 samples (README, "What each
