@@ -18,10 +18,16 @@ CPU_STREAMS = 4
 
 
 def default_streams(batch_size: int, backend: Optional[str] = None,
-                    limit: int = CPU_STREAMS) -> int:
-  """The largest divisor of `batch_size` up to `limit` on CPU, else 1."""
+                    limit: int = CPU_STREAMS, min_rows: int = 1) -> int:
+  """The largest divisor of `batch_size` up to `limit` on CPU, else 1.
+
+  With `min_rows`, each slice keeps at least that many rows (or the batch
+  runs whole): slicing a tiny batch gains no parallelism worth its extra
+  ops.
+  """
   if (backend or jax.default_backend()) != "cpu":
     return 1
+  limit = max(1, min(limit, batch_size // min_rows))
   return max(n for n in range(1, limit + 1) if batch_size % n == 0)
 
 

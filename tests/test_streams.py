@@ -17,6 +17,12 @@ def test_default_streams(batch, backend, expected):
   assert streams.default_streams(batch, backend) == expected
 
 
+@pytest.mark.parametrize("batch, min_rows, expected", [
+    (32, 8, 4), (16, 8, 2), (24, 8, 3), (8, 8, 1), (4, 8, 1), (64, 8, 4)])
+def test_default_streams_keep_min_rows_a_slice(batch, min_rows, expected):
+  assert streams.default_streams(batch, "cpu", min_rows=min_rows) == expected
+
+
 def test_transformer_logits_are_unchanged_by_streams():
   model = transformer_lib.MaskGITTransformer(
       codebook_size=16, num_classes=3, num_tokens=8, hidden_size=32,
