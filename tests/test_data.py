@@ -765,6 +765,14 @@ def test_in_memory_eval_batches_are_the_eval_iterators(garment_config, split,
   # Without data.in_memory the same function is grain's iterator.
   assert_batches_equal(list(input_pipeline.eval_batches(
       garment_config, split=split, batch_size=batch_size)), want)
+  # As uint8 pixels both give the floats' pixels, which map back exactly.
+  for config in (in_memory, garment_config):
+    pixels = list(input_pipeline.eval_batches(
+        config, split=split, batch_size=batch_size, uint8=True))
+    assert [p["image"].dtype for p in pixels] == [np.uint8] * len(want)
+    assert_batches_equal(
+        [{**p, "image": input_pipeline.unit_float(p["image"])}
+         for p in pixels], want)
 
 
 def test_in_memory_needs_fields_of_one_shape():

@@ -65,14 +65,6 @@ def from_config(eval_config: ml_collections.ConfigDict
   return FeatureNetwork("classifier", classify, is_classifier=True)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Float images in [0, 1] (the data pipelines' output) -> uint8."""
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images
-  return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def real_batches(data_config: ml_collections.ConfigDict, *, split: str,
                  batch_size: int, limit: int
                  ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -81,10 +73,10 @@ def real_batches(data_config: ml_collections.ConfigDict, *, split: str,
   from maskgit_jax.data import input_pipeline
   taken = 0
   for batch in input_pipeline.eval_batches(data_config, split=split,
-                                           batch_size=batch_size):
+                                           batch_size=batch_size, uint8=True):
     if taken >= limit:
       break
-    images = to_uint8(batch["image"])[:limit - taken]
+    images = batch["image"][:limit - taken]
     taken += len(images)
     yield images, np.asarray(batch["label"])[:len(images)]
 

@@ -71,7 +71,7 @@ def evaluate_tokenizer(config: ml_collections.ConfigDict,
       lpips.append(np.asarray(lpips_fn(lpips_params, recon, batch["image"])))
     counts += np.asarray(batch_counts)
     if net is not None:
-      stats.update(net.outputs(features_lib.to_uint8(np.asarray(recon)))[0])
+      stats.update(net.outputs(input_pipeline.to_uint8(np.asarray(recon)))[0])
   result = {
       "psnr": float(np.mean(np.concatenate(psnr))),
       "lpips": float(np.mean(np.concatenate(lpips))) if lpips else None,

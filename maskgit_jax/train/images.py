@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from maskgit_jax import files
-from maskgit_jax.evaluation.features import to_uint8
+from maskgit_jax.data.input_pipeline import to_uint8
 
 
 def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
