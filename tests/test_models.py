@@ -112,6 +112,39 @@ def test_bidirectional_every_position_sees_every_other():
   assert np.all(np.any(np.asarray(a[0, :8] != b[0, :8]), axis=-1))
 
 
+def textbook_attention(params, x, num_heads):
+  """softmax(q k^T / sqrt(d)) v per head, from SelfAttention's parameters."""
+  qkv = jnp.einsum("bsh,hcnd->cbnsd", x, params["qkv_kernel"])
+  qkv = qkv + params["qkv_bias"][:, None, :, None, :]
+  q, k, v = qkv
+  weights = jax.nn.softmax(
+      jnp.einsum("bnqd,bnkd->bnqk", q, k) / math.sqrt(q.shape[-1]), axis=-1)
+  context = jnp.einsum("bnqk,bnkd->bnqd", weights, v)
+  return jnp.einsum("bnsd,ndh->bsh", context,
+                    params["out_kernel"]) + params["out_bias"]
+
+
+def test_attention_and_its_gradients_are_textbook_softmax_attention():
+  """The fused attention (row-max shift without a gradient, division after
+  the value matmul) computes softmax attention, and so do its gradients
+  with respect to the input and every parameter."""
+  module = transformer_lib.SelfAttention(num_heads=4)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 32)) * 3.0
+  params = initialize(lambda key: module.init(key, x, True))["params"]
+  np.testing.assert_allclose(
+      jit_apply(module, {"params": params}, x, deterministic=True),
+      textbook_attention(params, x, 4), rtol=1e-5, atol=1e-5)
+  probe = jax.random.normal(jax.random.key(1), (2, 9, 32))
+  ours = jax.jit(jax.grad(lambda p, x: jnp.sum(probe * module.apply(
+      {"params": p}, x, True)), argnums=(0, 1)))(params, x)
+  want = jax.grad(lambda p, x: jnp.sum(
+      probe * textbook_attention(p, x, 4)), argnums=(0, 1))(params, x)
+  for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(want),
+                           strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-4,
+                               atol=1e-4 * float(np.max(np.abs(expected))))
+
+
 def test_dropout_only_in_training_and_bfloat16_compute():
   model = tiny_transformer(dtype=jnp.bfloat16)
   tokens = jnp.zeros((2, 9), jnp.int32)

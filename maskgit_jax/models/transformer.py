@@ -83,7 +83,11 @@ class SelfAttention(nn.Module):
     # Softmax with the division moved after the value matmul: the same
     # numbers up to rounding, with S * head_dim divisions instead of S * S.
     # Dropout commutes with the division, so training is unchanged too.
-    unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    # The shift by the row maximum only keeps exp in range: the result does
+    # not depend on it, so no gradient flows through it (the backward pass
+    # skips the maximum's compare-and-select over [B, heads, S, S]).
+    shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(logits - shift)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
     unnormalized = Dropout(self.dropout_rate)(unnormalized, deterministic)
     context = jnp.einsum("bnqk,bnkd->bnqd", unnormalized.astype(self.dtype),
