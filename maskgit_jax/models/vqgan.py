@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgit_jax import streams
+from maskgit_jax.models import winograd
 
 Dtype = Any
 
@@ -92,6 +93,33 @@ class UpsampleConv(nn.Module):
     return out.reshape(batch, 2 * height, 2 * width, channels) + bias
 
 
+class Conv3x3(nn.Module):
+  """nn.Conv(features, (3, 3), use_bias=False), the same parameter, with
+  the algorithm chosen per call: Winograd's F(2x2, 3x3) where it is faster
+  (`winograd.prefer_winograd`: CPU, wide channels, large maps), else XLA's
+  convolution. `algorithm` "winograd" or "direct" forces one."""
+  features: int
+  dtype: Dtype = jnp.float32
+  algorithm: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if self.algorithm not in ("auto", "winograd", "direct"):
+      raise ValueError(f"algorithm={self.algorithm!r}; valid: 'auto', "
+                       "'winograd', 'direct'.")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features))
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    use_winograd = (self.algorithm == "winograd" or (
+        self.algorithm == "auto" and
+        winograd.prefer_winograd(x.shape, self.features)))
+    if use_winograd:
+      return winograd.conv3x3(x, kernel)
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class ResBlock(nn.Module):
   """norm -> act -> conv3x3 -> norm -> act -> conv3x3, plus a shortcut."""
   filters: int
@@ -102,16 +130,16 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     act = _activation(self.activation)
-    conv = lambda k, name: nn.Conv(self.filters, (k, k), use_bias=False,
-                                   dtype=self.dtype, name=name)
+    conv = lambda name: Conv3x3(self.filters, self.dtype, name=name)
     norm = lambda name: nn.GroupNorm(self.num_groups, dtype=self.dtype,
                                      name=name)
-    h = conv(3, "conv1")(act(norm("norm1")(x)))
-    h = conv(3, "conv2")(act(norm("norm2")(h)))
+    h = conv("conv1")(act(norm("norm1")(x)))
+    h = conv("conv2")(act(norm("norm2")(h)))
     if x.shape[-1] == self.filters:
       return h + x
     # Official quirk (see module docstring): the projection reads h, not x.
-    return h + conv(1, "shortcut")(h)
+    return h + nn.Conv(self.filters, (1, 1), use_bias=False, dtype=self.dtype,
+                       name="shortcut")(h)
 
 
 class Encoder(nn.Module):

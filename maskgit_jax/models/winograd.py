@@ -1,0 +1,96 @@
+"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3).
+
+A 3x3 convolution computes each 2x2 block of outputs from a 4x4 input tile
+with 36 multiplies per channel pair; Winograd's transform does it with 16
+(Lavin & Gray, arXiv 1509.09308): the input tiles and the kernel are mapped
+by fixed 4x4 matrices of 0, +-1 and +-1/2, the products become 16
+independent GEMMs [tiles, C_in] x [C_in, C_out], and a 2x4 matrix maps the
+results back. The transforms are additions only, so on XLA:CPU, where the
+released tokenizer's pixel decoder is bound by its 3x3 convolutions, fewer
+multiplies are fewer seconds once the channels are wide enough to make the
+GEMMs dominate (`prefer_winograd`). The result equals the direct
+convolution's up to float rounding (about 1e-6 of the output's scale in
+float32).
+"""
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Input transform B^T, kernel transform G and output transform A^T.
+_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
+              np.float32)
+_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+# Measured on 2 CPU cores (benchmarks/RESULTS.md): with 128 or more input
+# channels and at least 1024 output tiles per call the GEMMs dominate and
+# F(2x2, 3x3) was 1.1-1.6x faster than XLA's convolution; with 64 channels
+# or fewer, or few tiles (16x16 maps), the transforms made it slower.
+MIN_CHANNELS = 128
+MIN_TILES = 1024
+
+
+def prefer_winograd(input_shape: Sequence[int], features: int,
+                    backend: Optional[str] = None) -> bool:
+  """Whether `conv3x3` beats XLA's convolution for an NHWC input: on CPU
+  only (accelerators have tuned convolutions), wide channels, many tiles."""
+  if (backend or jax.default_backend()) != "cpu":
+    return False
+  batch, height, width, channels = input_shape
+  tiles = batch * -(-height // 2) * -(-width // 2)
+  return (channels >= MIN_CHANNELS and features >= MIN_CHANNELS
+          and tiles >= MIN_TILES)
+
+
+def _combine(matrix, terms):
+  """[sum_j matrix[i][j] * terms[j] for each row i], with the 0/+-1
+  coefficients as additions."""
+  rows = []
+  for coefficients in matrix:
+    total = None
+    for c, term in zip(coefficients, terms):
+      if c == 0:
+        continue
+      part = term if c == 1 else -term
+      total = part if total is None else total + part
+    rows.append(total)
+  return rows
+
+
+def transform_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
+  """HWIO [3, 3, I, O] -> G g G^T, [16, I, O] (row-major over the 4x4)."""
+  g = jnp.asarray(_G, kernel.dtype)
+  out = jnp.einsum("ai,ijxy,bj->abxy", g, kernel, g)
+  return out.reshape((16,) + kernel.shape[2:])
+
+
+def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """conv(x, kernel), stride 1, SAME padding: NHWC x HWIO -> NHWC.
+
+  Any height and width (odd sizes are padded to whole tiles, then cropped).
+  """
+  if kernel.shape[:2] != (3, 3):
+    raise ValueError(f"conv3x3 needs a 3x3 kernel, got {kernel.shape}.")
+  batch, height, width, channels = x.shape
+  rows, cols = -(-height // 2), -(-width // 2)
+  padded = jnp.pad(x, ((0, 0), (1, 2 * rows + 1 - height),
+                       (1, 2 * cols + 1 - width), (0, 0)))
+  # tile[a][b]: element (a, b) of every 4x4 input tile, [N, rows, cols, C].
+  tile = [[padded[:, a:a + 2 * rows:2, b:b + 2 * cols:2] for b in range(4)]
+          for a in range(4)]
+  # B^T d B, first over the tile's rows, then over its columns.
+  by_rows = [_combine(_BT, [tile[a][b] for a in range(4)]) for b in range(4)]
+  v = [_combine(_BT, [by_rows[b][i] for b in range(4)]) for i in range(4)]
+  v = jnp.stack([v[i][j] for i in range(4) for j in range(4)])
+  products = jnp.einsum("tpi,tio->tpo", v.reshape(16, -1, channels),
+                        transform_kernel(kernel.astype(x.dtype)))
+  m = products.reshape((4, 4, batch, rows, cols, -1))
+  # A^T m A, back to the 2x2 outputs of each tile.
+  by_rows = [_combine(_AT, [m[i, j] for i in range(4)]) for j in range(4)]
+  y = [_combine(_AT, [by_rows[j][r] for j in range(4)]) for r in range(2)]
+  out = jnp.stack([jnp.stack(y[r], axis=3) for r in range(2)], axis=2)
+  out = out.reshape(batch, 2 * rows, 2 * cols, -1)
+  return out[:, :height, :width]
