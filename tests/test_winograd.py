@@ -1,6 +1,5 @@
 """Winograd F(2x2, 3x3) convolutions equal XLA's, gradients included."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,22 +56,6 @@ def test_conv3x3_rejects_other_kernel_sizes():
     ((2, 64, 64, 128), 128, "tpu", False)])
 def test_prefer_winograd(shape, features, backend, expected):
   assert winograd.prefer_winograd(shape, features, backend) is expected
-
-
-def test_conv3x3_module_has_nn_conv_parameters_and_result():
-  """Checkpoints are unaffected: the same parameter tree as nn.Conv without
-  bias, and each algorithm gives nn.Conv's output."""
-  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
-  reference = nn.Conv(4, (3, 3), use_bias=False)
-  params = reference.init(jax.random.key(1), x)
-  want = reference.apply(params, x)
-  for algorithm in ("auto", "winograd", "direct"):
-    module = vqgan_lib.Conv3x3(4, algorithm=algorithm)
-    init = module.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
-    assert_close(module.apply(params, x), want)
-  with pytest.raises(ValueError, match=r"algorithm='fft'; valid"):
-    vqgan_lib.Conv3x3(4, algorithm="fft").init(jax.random.key(1), x)
 
 
 def test_vqgan_decoder_on_wide_maps_uses_winograd_with_the_same_images(

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskgit_jax.models.conv import Conv3x3
+
 Dtype = Any
 Params = Dict[str, Any]
 
@@ -65,7 +67,9 @@ class VGG16Features(nn.Module):
         # Floor division of odd sizes, as torch's MaxPool2d(2, 2) does.
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       for layer in range(1, depth + 1):
-        x = nn.relu(nn.Conv(width, (3, 3), padding=1, dtype=self.dtype,
+        # nn.Conv's parameters; on CPU the last blocks' tiny maps (2x2 for
+        # 32x32 images) run as one matrix multiply (see conv.py).
+        x = nn.relu(Conv3x3(width, self.dtype, use_bias=True,
                             name=f"conv{block}_{layer}")(x))
       outputs.append(x)
     return outputs

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgit_jax import streams
-from maskgit_jax.models import winograd
+from maskgit_jax.models.conv import Conv3x3
 
 Dtype = Any
 
@@ -91,33 +91,6 @@ class UpsampleConv(nn.Module):
     out = jnp.stack(rows, axis=2)  # [B, H, 2(a), W, 2(b), C]
     batch, height, _, width, _, channels = out.shape
     return out.reshape(batch, 2 * height, 2 * width, channels) + bias
-
-
-class Conv3x3(nn.Module):
-  """nn.Conv(features, (3, 3), use_bias=False), the same parameter, with
-  the algorithm chosen per call: Winograd's F(2x2, 3x3) where it is faster
-  (`winograd.prefer_winograd`: CPU, wide channels, large maps), else XLA's
-  convolution. `algorithm` "winograd" or "direct" forces one."""
-  features: int
-  dtype: Dtype = jnp.float32
-  algorithm: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    if self.algorithm not in ("auto", "winograd", "direct"):
-      raise ValueError(f"algorithm={self.algorithm!r}; valid: 'auto', "
-                       "'winograd', 'direct'.")
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (3, 3, x.shape[-1], self.features))
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    use_winograd = (self.algorithm == "winograd" or (
-        self.algorithm == "auto" and
-        winograd.prefer_winograd(x.shape, self.features)))
-    if use_winograd:
-      return winograd.conv3x3(x, kernel)
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class ResBlock(nn.Module):

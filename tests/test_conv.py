@@ -1,0 +1,105 @@
+"""Conv3x3: nn.Conv's parameters and result whichever algorithm runs; the
+matrix-multiply path on tiny maps, gradients included."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskgit_jax.models import conv
+from maskgit_jax.models import discriminator as discriminator_lib
+from maskgit_jax.models import perceptual
+
+
+def assert_close(got, want, scale_tol=2e-6):
+  want = np.asarray(want)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0,
+                             atol=scale_tol * float(np.max(np.abs(want))))
+
+
+@pytest.mark.parametrize("shape, features", [
+    ((4, 2, 2, 16), 8), ((1, 1, 1, 3), 5), ((2, 3, 2, 4), 4),
+    ((2, 4, 4, 8), 3), ((1, 7, 5, 2), 6)])
+def test_conv3x3_as_matmul_is_the_direct_convolution(shape, features):
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], features))
+  got = jax.jit(conv.conv3x3_as_matmul)(x, kernel)
+  assert got.shape == shape[:3] + (features,)
+  assert_close(got, conv.direct_conv3x3(x, kernel))
+
+
+def test_conv3x3_as_matmul_gradients_are_the_direct_gradients():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 3, 5))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 5, 4))
+  probe = jax.random.normal(jax.random.key(2), (3, 2, 3, 4))
+  grad = lambda fn: jax.jit(jax.grad(
+      lambda x, k: jnp.sum(probe * fn(x, k)), argnums=(0, 1)))(x, kernel)
+  for got, want in zip(grad(conv.conv3x3_as_matmul),
+                       grad(conv.direct_conv3x3), strict=True):
+    assert_close(got, want, 1e-5)
+
+
+def test_conv3x3_as_matmul_rejects_other_kernel_sizes():
+  with pytest.raises(ValueError, match=r"3x3 kernel.*\(1, 1, 2, 2\)"):
+    conv.conv3x3_as_matmul(jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 1, 2, 2)))
+
+
+@pytest.mark.parametrize("shape, features, backend, expected", [
+    ((16, 2, 2, 512), 512, "cpu", "matmul"),
+    ((2, 4, 4, 64), 64, "cpu", "matmul"),
+    ((2, 1, 1, 8), 8, "cpu", "matmul"),
+    ((2, 5, 4, 512), 512, "cpu", "direct"),     # a side over 4
+    ((2, 16, 16, 512), 512, "cpu", "direct"),   # too few Winograd tiles
+    ((2, 64, 64, 128), 128, "cpu", "winograd"),
+    ((16, 2, 2, 512), 512, "gpu", "direct"),
+    ((2, 64, 64, 128), 128, "tpu", "direct")])
+def test_choose_algorithm(shape, features, backend, expected):
+  assert conv.choose_algorithm(shape, features, backend) == expected
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("side", [2, 6])
+def test_module_has_nn_conv_parameters_and_result(use_bias, side):
+  """Checkpoints are unaffected: nn.Conv's parameter tree, and each
+  algorithm gives nn.Conv's output."""
+  x = jax.random.normal(jax.random.key(0), (2, side, side, 8))
+  reference = nn.Conv(4, (3, 3), use_bias=use_bias,
+                      bias_init=nn.initializers.normal(1.0))
+  params = reference.init(jax.random.key(1), x)
+  want = reference.apply(params, x)
+  for algorithm in conv.ALGORITHMS:
+    module = conv.Conv3x3(4, algorithm=algorithm, use_bias=use_bias)
+    init = module.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
+    assert_close(module.apply(params, x), want)
+  with pytest.raises(ValueError, match=r"algorithm='fft'; valid: 'auto'"):
+    conv.Conv3x3(4, algorithm="fft").init(jax.random.key(1), x)
+
+
+def test_module_computes_in_its_dtype_with_float32_parameters():
+  x = jnp.ones((1, 2, 2, 4))
+  module = conv.Conv3x3(3, dtype=jnp.bfloat16, use_bias=True)
+  params = module.init(jax.random.key(0), x)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+  assert module.apply(params, x).dtype == jnp.bfloat16
+
+
+def test_lpips_and_discriminator_give_the_same_values_without_matmul_path(
+    monkeypatch):
+  """LPIPS on 32x32 images (VGG16's last blocks at 4x4 and 2x2) and the
+  discriminator (4x4 at its end) take the matrix-multiply path on CPU, and
+  their outputs are what XLA's convolutions give."""
+  assert conv.prefer_matmul((2, 2, 2, 512), "cpu")
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  other = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  lpips = perceptual.build_lpips()
+  disc = discriminator_lib.Discriminator(image_size=32, max_filters=32)
+  disc_params = disc.init(jax.random.key(2), images)
+  outputs = lambda: (jax.jit(lpips)(images, other),
+                     jax.jit(disc.apply)(disc_params, images))
+  with_matmul = outputs()
+  monkeypatch.setattr(conv, "MAX_MATMUL_SIDE", 0)
+  assert not conv.prefer_matmul((2, 2, 2, 512), "cpu")
+  for got, want in zip(with_matmul, outputs(), strict=True):
+    assert_close(got, want, 1e-5)
