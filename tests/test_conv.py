@@ -1,6 +1,8 @@
 """Conv3x3: nn.Conv's parameters and result whichever algorithm runs; the
 matrix-multiply path on tiny maps, gradients included."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,7 @@ def test_conv3x3_as_matmul_is_the_direct_convolution(shape, features):
   kernel = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], features))
   got = jax.jit(conv.conv3x3_as_matmul)(x, kernel)
   assert got.shape == shape[:3] + (features,)
-  assert_close(got, conv.direct_conv3x3(x, kernel))
+  assert_close(got, conv.xla_conv3x3(x, kernel))
 
 
 def test_conv3x3_as_matmul_gradients_are_the_direct_gradients():
@@ -35,13 +37,43 @@ def test_conv3x3_as_matmul_gradients_are_the_direct_gradients():
   grad = lambda fn: jax.jit(jax.grad(
       lambda x, k: jnp.sum(probe * fn(x, k)), argnums=(0, 1)))(x, kernel)
   for got, want in zip(grad(conv.conv3x3_as_matmul),
-                       grad(conv.direct_conv3x3), strict=True):
+                       grad(conv.xla_conv3x3), strict=True):
     assert_close(got, want, 1e-5)
 
 
 def test_conv3x3_as_matmul_rejects_other_kernel_sizes():
   with pytest.raises(ValueError, match=r"3x3 kernel.*\(1, 1, 2, 2\)"):
     conv.conv3x3_as_matmul(jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 1, 2, 2)))
+
+
+def test_direct_conv3x3_has_xla_values_and_first_and_second_derivatives():
+  """On CPU the kernel gradient is taken as matrix multiplies, also inside
+  a gradient of a gradient (R1); every derivative is XLA's."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+  k1 = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  k2 = jax.random.normal(jax.random.key(2), (3, 3, 4, 2))
+
+  def derivatives(conv3x3):
+    def net(x, k1, k2):
+      return jnp.sum(jnp.tanh(conv3x3(jnp.tanh(conv3x3(x, k1)), k2)) ** 2)
+    def r1(k1, k2, x):  # the squared input gradient, as the R1 penalty
+      return jnp.sum(jax.grad(net)(x, k1, k2) ** 2)
+    return (net(x, k1, k2), jax.grad(net, (0, 1, 2))(x, k1, k2),
+            jax.grad(r1, (0, 1, 2))(k1, k2, x))
+
+  got = jax.jit(lambda: derivatives(functools.partial(
+      conv.direct_conv3x3, gemm_kernel_gradient=True)))()
+  want = jax.jit(lambda: derivatives(conv.xla_conv3x3))()
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert_close(g, w, 1e-5)
+
+
+def test_kernel_gradient_is_the_vjp_of_the_convolution():
+  x = jax.random.normal(jax.random.key(0), (3, 4, 7, 5))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 5, 6))
+  cotangent = jax.random.normal(jax.random.key(2), (3, 4, 7, 6))
+  want = jax.vjp(lambda k: conv.xla_conv3x3(x, k), kernel)[1](cotangent)[0]
+  assert_close(conv.kernel_gradient(x, cotangent), want)
 
 
 @pytest.mark.parametrize("shape, features, backend, expected", [
@@ -97,3 +129,47 @@ def test_discriminator_gives_the_same_logits_without_the_matmul_path(
   monkeypatch.setattr(conv, "MAX_MATMUL_SIDE", 0)
   assert not conv.prefer_matmul((2, 4, 4, 16), "cpu")
   assert_close(with_matmul, jax.jit(disc.apply)(params, images), 1e-5)
+
+
+@pytest.mark.parametrize("shape, features, backend, expected", [
+    ((32, 32, 32, 64), 64, "cpu", True),
+    ((8, 16, 16, 256), 256, "cpu", True),
+    ((32, 8, 8, 64), 64, "cpu", False),      # a small map
+    ((32, 32, 32, 16), 16, "cpu", False),    # narrow channels
+    ((32, 32, 32, 64), 32, "cpu", False),    # narrow output
+    ((32, 32, 32, 64), 64, "gpu", False)])
+def test_prefer_gemm_kernel_gradient(shape, features, backend, expected):
+  assert conv.prefer_gemm_kernel_gradient(shape, features,
+                                          backend) is expected
+
+
+def test_conv1x1_has_nn_conv_parameters_and_result():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 6))
+  reference = nn.Conv(4, (1, 1), use_bias=False)
+  params = reference.init(jax.random.key(1), x)
+  module = conv.Conv1x1(4)
+  init = module.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
+  assert_close(module.apply(params, x), reference.apply(params, x))
+
+
+def test_discriminator_r1_and_loss_gradients_are_xlas(monkeypatch):
+  """The discriminator takes every kernel gradient as matrix multiplies
+  (small maps included); its loss and R1 gradients are XLA's."""
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+  disc = discriminator_lib.Discriminator(image_size=16, max_filters=8)
+  params = disc.init(jax.random.key(1), images)
+
+  def gradients():
+    def loss(p):
+      logits = lambda x: disc.apply(p, x)
+      r1 = jax.grad(lambda x: jnp.sum(logits(x)))(images)
+      return jnp.sum(logits(images)) + jnp.sum(r1 ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  with_gemm = gradients()
+  monkeypatch.setattr(conv, "_conv3x3_gemm_kernel_gradient",
+                      conv.xla_conv3x3)
+  for got, want in zip(jax.tree.leaves(with_gemm),
+                       jax.tree.leaves(gradients()), strict=True):
+    assert_close(got, want, 1e-5)

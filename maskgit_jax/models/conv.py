@@ -12,6 +12,9 @@ both where they occur:
   images, and the discriminator ends at 4x4. There the nine shifted views
   of the padded input are laid side by side ([B, H, W, 9 C]) and multiplied
   by the kernel as a [9 C, features] matrix (`conv3x3_as_matmul`).
+- Kernel gradients of wide channels on large maps, which XLA computes as a
+  convolution over the whole map: there `direct_conv3x3` takes them as
+  nine matrix multiplies (`kernel_gradient`), also in second derivatives.
 
 Every path computes the same sums; results agree to float rounding.
 """
@@ -32,6 +35,14 @@ ALGORITHMS = ("auto", "winograd", "matmul", "direct")
 # tried (64-512 channels, batch 4-16; 1.3-50x); on 6x6 and larger maps it
 # was about even or slower.
 MAX_MATMUL_SIDE = 4
+# Measured the same way: XLA's kernel gradient against `kernel_gradient`
+# (standalone, batch 8-32) was 1.5-4.5x slower with 64-256 channels on
+# 16x16 to 64x64 maps, and about even on 8x8 maps; in the discriminator's
+# training step (R1 included) the step went from 18.3 to 3.3 s. In the
+# demo tokenizer's step (16-64 channels, 64 channels only at 8x8) taking
+# it everywhere made the step slower (0.22 -> 0.28 s), hence the bounds.
+MIN_GEMM_GRADIENT_CHANNELS = 64
+MIN_GEMM_GRADIENT_PIXELS = 256
 
 
 def prefer_matmul(input_shape: Sequence[int],
@@ -71,11 +82,81 @@ def conv3x3_as_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
                     kernel.reshape(9 * channels, -1))
 
 
-def direct_conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+def xla_conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   """XLA's convolution, stride 1, SAME padding: what nn.Conv computes."""
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(1, 1), padding="SAME",
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def kernel_gradient(x: jnp.ndarray, cotangent: jnp.ndarray) -> jnp.ndarray:
+  """The gradient of sum(cotangent * conv3x3(x, kernel)) in the kernel,
+  [3, 3, C, F]: per tap, the input shifted by it against the cotangent,
+  nine [C, B H W] x [B H W, F] matrix multiplies."""
+  _, height, width, channels = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  flat_cotangent = cotangent.reshape(-1, cotangent.shape[-1])
+  taps = [padded[:, dy:dy + height, dx:dx + width].reshape(-1, channels).T
+          @ flat_cotangent for dy in range(3) for dx in range(3)]
+  return jnp.stack(taps).reshape((3, 3, channels, -1))
+
+
+@jax.custom_vjp
+def _conv3x3_gemm_kernel_gradient(x: jnp.ndarray,
+                                  kernel: jnp.ndarray) -> jnp.ndarray:
+  return xla_conv3x3(x, kernel)
+
+
+def _forward(x, kernel):
+  return xla_conv3x3(x, kernel), (x, kernel)
+
+
+def _backward(residuals, cotangent):
+  x, kernel = residuals
+  # The input's gradient is the same convolution of the cotangent with the
+  # kernel mirrored and its channels swapped; through this function again,
+  # so that second derivatives (the discriminator's R1 penalty) also take
+  # their kernel gradients as matrix multiplies.
+  mirrored = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+  return (_conv3x3_gemm_kernel_gradient(cotangent, mirrored),
+          kernel_gradient(x, cotangent))
+
+
+_conv3x3_gemm_kernel_gradient.defvjp(_forward, _backward)
+
+
+def prefer_gemm_kernel_gradient(input_shape: Sequence[int], features: int,
+                                backend: Optional[str] = None) -> bool:
+  """Whether `kernel_gradient` beats XLA's for a direct 3x3 convolution:
+  on CPU, with MIN_GEMM_GRADIENT_CHANNELS or more channels in and out, on
+  maps of MIN_GEMM_GRADIENT_PIXELS or more."""
+  if (backend or jax.default_backend()) != "cpu":
+    return False
+  _, height, width, channels = input_shape
+  return (min(channels, features) >= MIN_GEMM_GRADIENT_CHANNELS and
+          height * width >= MIN_GEMM_GRADIENT_PIXELS)
+
+
+def direct_conv3x3(x: jnp.ndarray, kernel: jnp.ndarray,
+                   gemm_kernel_gradient: Optional[bool] = None,
+                   backend: Optional[str] = None) -> jnp.ndarray:
+  """XLA's convolution, with its kernel gradient as `kernel_gradient` on
+  CPU where `prefer_gemm_kernel_gradient` says so (gemm_kernel_gradient
+  None), always (True) or never (False).
+
+  XLA:CPU computes a convolution's kernel gradient as another convolution.
+  With wide channels on large maps it ran many times slower than the
+  forward pass it belongs to, and inside a lax.cond branch (where the
+  tokenizer's step updates the discriminator) 7-30x slower again, at any
+  width. Values and gradients are the same sums either way.
+  """
+  if gemm_kernel_gradient is None:
+    gemm_kernel_gradient = prefer_gemm_kernel_gradient(
+        x.shape, kernel.shape[-1], backend)
+  on_cpu = (backend or jax.default_backend()) == "cpu"
+  if on_cpu and gemm_kernel_gradient:
+    return _conv3x3_gemm_kernel_gradient(x, kernel)
+  return xla_conv3x3(x, kernel)
 
 
 CONV3X3 = {"matmul": conv3x3_as_matmul, "winograd": winograd.conv3x3,
@@ -90,6 +171,9 @@ class Conv3x3(nn.Module):
   dtype: Dtype = jnp.float32
   algorithm: str = "auto"
   use_bias: bool = False
+  # The direct path's kernel gradient (see direct_conv3x3): None picks by
+  # shape; True takes matrix multiplies on CPU whatever the shape.
+  gemm_kernel_gradient: Optional[bool] = None
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
 
@@ -106,5 +190,24 @@ class Conv3x3(nn.Module):
                                               dtype=self.dtype)
     algorithm = (choose_algorithm(x.shape, self.features)
                  if self.algorithm == "auto" else self.algorithm)
-    y = CONV3X3[algorithm](x, kernel)
+    if algorithm == "direct":
+      y = direct_conv3x3(x, kernel, self.gemm_kernel_gradient)
+    else:
+      y = CONV3X3[algorithm](x, kernel)
     return y if bias is None else y + bias
+
+
+class Conv1x1(nn.Module):
+  """nn.Conv(features, (1, 1)) without bias, the same parameter, as one
+  matrix multiply over the channels: its kernel gradient is then a matrix
+  multiply too (see direct_conv3x3 for why that matters on CPU)."""
+  features: int
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", self.kernel_init,
+                        (1, 1, x.shape[-1], self.features))
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return jnp.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
