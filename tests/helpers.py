@@ -225,3 +225,11 @@ def leaf(tree, suffix):
            if ("/" + sharding.path_string(path)).endswith("/" + suffix)]
   assert len(found) == 1, (suffix, len(found))
   return found[0]
+
+
+def assert_close_at_scale(got, want, scale_tol=2e-6):
+  """Every element of `got` within scale_tol x max|want| of `want`: what
+  float rounding allows two algorithms for the same sums."""
+  want = np.asarray(want)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0,
+                             atol=scale_tol * float(np.max(np.abs(want))))

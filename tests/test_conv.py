@@ -6,17 +6,11 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
+from helpers import assert_close_at_scale as assert_close
 from maskgit_jax.models import conv
 from maskgit_jax.models import discriminator as discriminator_lib
-
-
-def assert_close(got, want, scale_tol=2e-6):
-  want = np.asarray(want)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=0,
-                             atol=scale_tol * float(np.max(np.abs(want))))
 
 
 @pytest.mark.parametrize("shape, features", [

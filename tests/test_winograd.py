@@ -2,22 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
+from helpers import assert_close_at_scale as assert_close
+from maskgit_jax.models import conv
 from maskgit_jax.models import vqgan as vqgan_lib
 from maskgit_jax.models import winograd
-
-
-def direct(x, kernel):
-  return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def assert_close(got, want, scale_tol=2e-6):
-  want = np.asarray(want)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=0,
-                             atol=scale_tol * float(np.max(np.abs(want))))
 
 
 @pytest.mark.parametrize("shape, features", [
@@ -28,16 +18,17 @@ def test_conv3x3_is_the_direct_convolution(shape, features):
   kernel = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], features))
   got = jax.jit(winograd.conv3x3)(x, kernel)
   assert got.shape == shape[:3] + (features,)
-  assert_close(got, direct(x, kernel))
+  assert_close(got, conv.xla_conv3x3(x, kernel))
 
 
 def test_conv3x3_gradients_are_the_direct_convolution_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 3))
   probe = jax.random.normal(jax.random.key(2), (2, 7, 6, 3))
-  grad = lambda conv: jax.jit(jax.grad(
-      lambda x, k: jnp.sum(probe * conv(x, k)), argnums=(0, 1)))(x, kernel)
-  for got, want in zip(grad(winograd.conv3x3), grad(direct), strict=True):
+  grad = lambda fn: jax.jit(jax.grad(
+      lambda x, k: jnp.sum(probe * fn(x, k)), argnums=(0, 1)))(x, kernel)
+  for got, want in zip(grad(winograd.conv3x3), grad(conv.xla_conv3x3),
+                       strict=True):
     assert_close(got, want, 1e-5)
 
 
