@@ -159,10 +159,6 @@ def direct_conv3x3(x: jnp.ndarray, kernel: jnp.ndarray,
   return xla_conv3x3(x, kernel)
 
 
-CONV3X3 = {"matmul": conv3x3_as_matmul, "winograd": winograd.conv3x3,
-           "direct": direct_conv3x3}
-
-
 class Conv3x3(nn.Module):
   """nn.Conv(features, (3, 3)) with the same parameters ("kernel", and
   "bias" when use_bias), computed by the algorithm `choose_algorithm` picks
@@ -190,10 +186,12 @@ class Conv3x3(nn.Module):
                                               dtype=self.dtype)
     algorithm = (choose_algorithm(x.shape, self.features)
                  if self.algorithm == "auto" else self.algorithm)
-    if algorithm == "direct":
-      y = direct_conv3x3(x, kernel, self.gemm_kernel_gradient)
+    if algorithm == "matmul":
+      y = conv3x3_as_matmul(x, kernel)
+    elif algorithm == "winograd":
+      y = winograd.conv3x3(x, kernel)
     else:
-      y = CONV3X3[algorithm](x, kernel)
+      y = direct_conv3x3(x, kernel, self.gemm_kernel_gradient)
     return y if bias is None else y + bias
 
 

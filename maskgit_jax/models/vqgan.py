@@ -317,6 +317,12 @@ class VQGAN(nn.Module):
 MIN_STREAM_ROWS = 8
 
 
+def stream_count(batch_size: int) -> int:
+  """Slices for the encoder or decoder of a batch (`streams`): each keeps
+  at least MIN_STREAM_ROWS images."""
+  return streams.default_streams(batch_size, min_rows=MIN_STREAM_ROWS)
+
+
 def apply_in_streams(model: VQGAN, params, images: jnp.ndarray,
                      train: bool = False,
                      num_streams: Optional[int] = None):
@@ -330,8 +336,7 @@ def apply_in_streams(model: VQGAN, params, images: jnp.ndarray,
   faster on 2 cores. By default a slice keeps at least `MIN_STREAM_ROWS`
   images. Elsewhere (one stream) it is the plain call.
   """
-  num_streams = num_streams or streams.default_streams(
-      images.shape[0], min_rows=MIN_STREAM_ROWS)
+  num_streams = num_streams or stream_count(images.shape[0])
   apply = lambda fn: lambda x: model.apply({"params": params}, x, method=fn)
   latents = streams.in_streams(apply(lambda m, x: m.encoder(x)), images,
                                num_streams=num_streams)

@@ -307,13 +307,12 @@ def tokenize_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   if sharding is not None:
     params = jax.device_put(params, jax.sharding.NamedSharding(
         sharding.mesh, jax.sharding.PartitionSpec()))
-  # Each image is encoded on its own, so the batch runs as slices (of at
-  # least vqgan.MIN_STREAM_ROWS images, as in training).
+  # Each image is encoded on its own, so the batch runs as slices, as in
+  # training.
   encode_fn = jax.jit(lambda p, x: streams.in_streams(
       lambda x: model.apply({"params": p}, x,
                             method=model.encode_to_indices), x,
-      num_streams=streams.default_streams(
-          x.shape[0], min_rows=vqgan_lib.MIN_STREAM_ROWS)))
+      num_streams=vqgan_lib.stream_count(x.shape[0])))
 
   def encode(images: np.ndarray) -> jax.Array:
     if sharding is not None:
