@@ -200,5 +200,7 @@ def test_two_processes_evaluate_like_one(transformer_run, tokenizer_workdir,
   for key in ("precision", "recall", "classifier_accuracy", "cas"):
     assert two[key] == one[key], key
   assert two["num_samples"] == 60
-  assert "eval seed 0" in outputs[0][1]  # process 0 shows the progress bar
-  assert "eval seed 0" not in outputs[1][1]
+  # Process 0 shows the progress bars (of generation and of CAS's training).
+  for bar in ("eval seed 0", "CAS classifier"):
+    assert bar in outputs[0][1], bar
+    assert bar not in outputs[1][1], bar

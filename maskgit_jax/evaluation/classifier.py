@@ -225,11 +225,13 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *,
                      widths: Sequence[int] = DEFAULT_WIDTHS,
                      feature_dim: int = DEFAULT_FEATURE_DIM,
                      dropout: float = 0.0,
-                     progress: bool = True) -> Params:
+                     progress: bool = True,
+                     description: str = "classifier") -> Params:
   """Trains a classifier on uint8 images [N, H, W, 3] and int labels [N].
 
   Deterministic for a seed (data order, initialisation, augmentation,
-  dropout). H and W must be divisible by 2**len(widths). The defaults reach
+  dropout). H and W must be divisible by 2**len(widths). `progress` shows
+  a progress bar titled `description`. The defaults reach
   about 91% test accuracy on Fashion-MNIST at 32x32 from its 60,000
   training images (about 90% from 10,000) in about a minute and a half of
   CPU time: about a minute on two cores. Returns the parameters (a pytree
@@ -264,7 +266,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *,
   params = init(init_key, jnp.zeros((1,) + images.shape[1:], jnp.uint8))
   opt_state = optimizer.init(params)
   order = batch_indices(len(images), batch_size, num_steps, seed)
-  bar = tqdm.tqdm(order, total=num_steps, desc="classifier", unit="step",
+  bar = tqdm.tqdm(order, total=num_steps, desc=description, unit="step",
                   disable=not progress)
   for i, batch in enumerate(bar):
     params, opt_state, loss = step(params, opt_state, images[batch],

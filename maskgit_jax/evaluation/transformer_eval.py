@@ -191,13 +191,15 @@ def _one_seed(pipe, net, reference, real, config, setting: Dict[str, Any],
 def cas_score(images: np.ndarray, labels: np.ndarray,
               real_images: np.ndarray, real_labels: np.ndarray, *,
               num_classes: int, seed: int, num_steps: int) -> float:
-  """CAS with the project's small classifier, trained on `images` only."""
+  """CAS with the project's small classifier, trained on `images` only
+  (a minute or so on CPU: process 0 shows its progress)."""
   from maskgit_jax.evaluation import classifier
 
   def train(train_images, train_labels):
     params = classifier.train_classifier(
         train_images, train_labels, num_classes=num_classes, seed=seed,
-        num_steps=num_steps, progress=False)
+        num_steps=num_steps, progress=jax.process_index() == 0,
+        description="CAS classifier")
     return lambda batch: classifier.classifier_outputs(params, batch)[1]
 
   return cas_lib.classification_accuracy_score(train, images, labels,
