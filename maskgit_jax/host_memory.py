@@ -12,7 +12,11 @@ heap (no mmap, one arena) and never to trim it, which is what XLA's
 repeated, same-sized allocations want. The process then keeps its peak
 heap until it exits, as a caching allocator would: the 8-layer 16x16
 benchmark step (1 GB of XLA temporaries) held 3.8-4.8 GB instead of 1.9 GB
-and ran 0.8 s a step instead of 1.06. The setting is
+and ran 0.8 s a step instead of 1.06. The heap reaches that size over
+the first steps: on a slower 2-core machine (2026-12-07) the same step
+took 2.9-4.2 s over steps 4-8, then 0.95-1.25 s (1.3-1.45 s without these
+settings, 1.4-1.7 s with only fixed mmap and trim thresholds), so time a
+step only after a few warm-up steps. The setting is
 process-wide, so only entry points call it (main.py, the demo, the
 benchmarks), not the library; MASKGIT_KEEP_FREED_MEMORY=0 turns it off.
 Elsewhere than glibc (or when it is off) nothing changes.
