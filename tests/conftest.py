@@ -35,10 +35,10 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
-if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-if "--xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+for _flag, _value in (("--xla_backend_optimization_level", "0"),
+                      ("--xla_cpu_use_fusion_emitters", "false")):
+  if _flag not in os.environ["XLA_FLAGS"]:  # else the caller's setting
+    os.environ["XLA_FLAGS"] += f" {_flag}={_value}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit  # pylint: disable=g-import-not-at-top

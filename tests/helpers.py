@@ -233,3 +233,19 @@ def assert_close_at_scale(got, want, scale_tol=2e-6):
   want = np.asarray(want)
   np.testing.assert_allclose(np.asarray(got), want, rtol=0,
                              atol=scale_tol * float(np.max(np.abs(want))))
+
+
+def assert_conv3x3_gradients_are_xlas(conv3x3, input_shape, features):
+  """conv3x3(x, kernel)'s input and kernel gradients (of its sum against a
+  random probe) are XLA's convolution's, to float rounding."""
+  import jax
+  import jax.numpy as jnp
+  from maskgit_jax.models import conv
+  x = jax.random.normal(jax.random.key(0), input_shape)
+  kernel = jax.random.normal(jax.random.key(1),
+                             (3, 3, input_shape[-1], features))
+  probe = jax.random.normal(jax.random.key(2), input_shape[:3] + (features,))
+  grad = lambda fn: jax.jit(jax.grad(
+      lambda x, k: jnp.sum(probe * fn(x, k)), argnums=(0, 1)))(x, kernel)
+  for got, want in zip(grad(conv3x3), grad(conv.xla_conv3x3), strict=True):
+    assert_close_at_scale(got, want, 1e-5)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import assert_close_at_scale as assert_close
+from helpers import assert_conv3x3_gradients_are_xlas
 from maskgit_jax.models import conv
 from maskgit_jax.models import discriminator as discriminator_lib
 
@@ -25,14 +26,7 @@ def test_conv3x3_as_matmul_is_the_direct_convolution(shape, features):
 
 
 def test_conv3x3_as_matmul_gradients_are_the_direct_gradients():
-  x = jax.random.normal(jax.random.key(0), (3, 2, 3, 5))
-  kernel = jax.random.normal(jax.random.key(1), (3, 3, 5, 4))
-  probe = jax.random.normal(jax.random.key(2), (3, 2, 3, 4))
-  grad = lambda fn: jax.jit(jax.grad(
-      lambda x, k: jnp.sum(probe * fn(x, k)), argnums=(0, 1)))(x, kernel)
-  for got, want in zip(grad(conv.conv3x3_as_matmul),
-                       grad(conv.xla_conv3x3), strict=True):
-    assert_close(got, want, 1e-5)
+  assert_conv3x3_gradients_are_xlas(conv.conv3x3_as_matmul, (3, 2, 3, 5), 4)
 
 
 def test_conv3x3_as_matmul_rejects_other_kernel_sizes():

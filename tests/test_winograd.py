@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import assert_close_at_scale as assert_close
+from helpers import assert_conv3x3_gradients_are_xlas
 from maskgit_jax.models import conv
 from maskgit_jax.models import vqgan as vqgan_lib
 from maskgit_jax.models import winograd
@@ -22,14 +23,7 @@ def test_conv3x3_is_the_direct_convolution(shape, features):
 
 
 def test_conv3x3_gradients_are_the_direct_convolution_gradients():
-  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
-  kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 3))
-  probe = jax.random.normal(jax.random.key(2), (2, 7, 6, 3))
-  grad = lambda fn: jax.jit(jax.grad(
-      lambda x, k: jnp.sum(probe * fn(x, k)), argnums=(0, 1)))(x, kernel)
-  for got, want in zip(grad(winograd.conv3x3), grad(conv.xla_conv3x3),
-                       strict=True):
-    assert_close(got, want, 1e-5)
+  assert_conv3x3_gradients_are_xlas(winograd.conv3x3, (2, 7, 6, 4), 3)
 
 
 def test_conv3x3_rejects_other_kernel_sizes():

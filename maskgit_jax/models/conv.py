@@ -150,11 +150,11 @@ def direct_conv3x3(x: jnp.ndarray, kernel: jnp.ndarray,
   tokenizer's step updates the discriminator) 7-30x slower again, at any
   width. Values and gradients are the same sums either way.
   """
+  backend = backend or jax.default_backend()
   if gemm_kernel_gradient is None:
     gemm_kernel_gradient = prefer_gemm_kernel_gradient(
         x.shape, kernel.shape[-1], backend)
-  on_cpu = (backend or jax.default_backend()) == "cpu"
-  if on_cpu and gemm_kernel_gradient:
+  if backend == "cpu" and gemm_kernel_gradient:
     return _conv3x3_gemm_kernel_gradient(x, kernel)
   return xla_conv3x3(x, kernel)
 
