@@ -30,6 +30,12 @@ MaskTransformer, driven by a loop that replicates `train_one_epoch` of its
 `Trainer/vit.py` (CPU, float32, --peer_threads torch threads). The ratio
 of examples/s is printed and saved, with what differs in "peer_notes".
 
+A transformer worker also times the step's matrix multiplies alone
+(`matmul_floor.py`: the same shapes and batch slices, nothing else) and
+saves them as "matmul_floor": the floor's seconds and examples/s, the
+step's time over it, and with a peer the floor's examples/s over the
+peer's, the most any step built on these matmuls could reach.
+
 The peer's sizes from the issue (4 layers and 8x8 tokens; 8 layers and
 16x16 tokens):
 
@@ -185,10 +191,32 @@ def measure_ours(args) -> Dict[str, Any]:
     report["flops_source"] = "xla_cost_analysis"
   report["seconds_per_step"] = _timed_steps(
       compiled, state, batch, constants, args.steps, args.repeats)
+  if config.stage == "transformer":
+    floor = _matmul_floor(config, stage, args.repeats)
+    if floor:
+      report["matmul_floor"] = floor
   report["peak"] = harness.peak_matmul(harness.peak_sizes(args.peak_sizes),
                                        args.peak_repeats)
   report["machine"] = harness.machine_info()
   return report
+
+
+def _matmul_floor(config, stage, repeats: int):
+  """The step's matmuls alone (matmul_floor.py), in the step's slices; None
+  where they would not be the step's (bfloat16, accumulated micro-batches)."""
+  import matmul_floor
+  from maskgit_jax import streams
+  from maskgit_jax.train import transformer_stage
+  if config.dtype != "float32" or config.grad_accum_steps > 1:
+    return None
+  t = config.transformer
+  return matmul_floor.measure(
+      config.batch_size,
+      streams.default_streams(config.batch_size,
+                              limit=transformer_stage.TRAIN_STREAMS),
+      repeats, seq_len=stage["num_tokens"] + 1, hidden=t.hidden_size,
+      mlp_dim=t.mlp_dim, num_layers=t.num_layers, num_heads=t.num_heads,
+      codebook_size=stage["codebook_size"])
 
 
 def _uses_gan(config) -> bool:
@@ -382,6 +410,19 @@ def summarize(args, config, ours: List[Dict[str, Any]],
   for key in ("non_embedding_params", "timed_from_step", "xla_flops_note"):
     if key in first:
       result[key] = first[key]
+  if "matmul_floor" in first:
+    floor_seconds = statistics.median(
+        r["matmul_floor"]["seconds_per_step"] for r in ours)
+    result["matmul_floor"] = {
+        "seconds_per_step_by_round": [
+            r["matmul_floor"]["seconds_per_step"] for r in ours],
+        "seconds_per_step": floor_seconds,
+        "examples_per_s": batch / floor_seconds,
+        "flops_per_step": first["matmul_floor"]["flops_per_step"],
+        "flops_per_s": first["matmul_floor"]["flops_per_step"] /
+                       floor_seconds,
+        "streams": first["matmul_floor"]["streams"],
+        "step_over_floor": seconds / floor_seconds}
   if peer:
     peer_seconds = statistics.median(r["seconds_per_step"] for r in peer)
     peer_achieved = peer[0]["model_flops_per_step"] / peer_seconds
@@ -400,6 +441,10 @@ def summarize(args, config, ours: List[Dict[str, Any]],
         "flop_utilization": peer_achieved / peak}
     result["examples_per_s_ours_over_peer"] = (
         result["examples_per_s"] / result["peer"]["examples_per_s"])
+    if "matmul_floor" in result:
+      result["matmul_floor"]["examples_per_s_over_peer"] = (
+          result["matmul_floor"]["examples_per_s"] /
+          result["peer"]["examples_per_s"])
     result["peer_notes"] = peer_notes(config, first, args.peer_threads)
   return result
 
@@ -488,6 +533,10 @@ def main(argv=None) -> None:
   shown = ("examples_per_s", "tokens_per_s", "flop_utilization",
            "examples_per_s_ours_over_peer")
   print(json.dumps({k: result[k] for k in shown if k in result}))
+  if "matmul_floor" in result:
+    print("matmul floor: " + json.dumps(
+        {k: v for k, v in result["matmul_floor"].items()
+         if not k.endswith("by_round")}))
   harness.write_json(args.out, result)
 
 

@@ -91,6 +91,15 @@ def test_train_throughput_transformer(tmp_path):
       record["examples_per_s"] * 17)
   assert record["flops_source"].startswith("analytic")
   assert record["non_embedding_params"] > 0
+  floor = record["matmul_floor"]
+  assert floor["seconds_per_step"] > 0 and floor["streams"] == 2
+  assert floor["examples_per_s"] == pytest.approx(
+      4 / floor["seconds_per_step"])
+  assert floor["step_over_floor"] == pytest.approx(
+      record["seconds_per_step"] / floor["seconds_per_step"])
+  # The tiny config: 1 layer, MLP 32, 2 heads; 16 + 1 tokens, 16 codes.
+  assert floor["flops_per_step"] == step_matmul_flops(
+      batch=4, seq=17, hidden=32, mlp=32, layers=1, codes=16)
 
 
 def test_sample_throughput(tmp_path):
@@ -150,6 +159,45 @@ def test_train_throughput_against_peer(tmp_path, peer_dir):
   assert record["peer"]["sizes"]["side"] == 4
   assert record["peer"]["threads"] == 1
   assert record["peer_notes"]
+  assert record["matmul_floor"]["examples_per_s_over_peer"] == pytest.approx(
+      record["matmul_floor"]["examples_per_s"] /
+      record["peer"]["examples_per_s"])
+
+
+def step_matmul_flops(batch, seq, hidden, mlp, layers, codes):
+  """Matmul FLOPs of a train step in closed form: 6 x weights x rows for
+  the dense layers (QKV, output, MLP; the head's dense and its tied
+  logits), 12 L S^2 D B for attention."""
+  weights = layers * (4 * hidden**2 + 2 * hidden * mlp) + hidden**2
+  return (6 * (weights + hidden * codes) * batch * seq +
+          12 * layers * seq**2 * hidden * batch)
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(batch=32, seq=65, hidden=256, mlp=1024, layers=4, heads=8,
+         codes=512),
+    dict(batch=3, seq=5, hidden=12, mlp=20, layers=2, heads=3, codes=7)])
+def test_matmul_floor_counts_the_steps_matmuls(sizes):
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import matmul_floor  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  matmuls = matmul_floor.step_matmuls(
+      sizes["batch"], seq_len=sizes["seq"], hidden=sizes["hidden"],
+      mlp_dim=sizes["mlp"], num_layers=sizes["layers"],
+      num_heads=sizes["heads"], codebook_size=sizes["codes"])
+  expected = step_matmul_flops(**{k: v for k, v in sizes.items()
+                                  if k != "heads"})
+  assert matmul_floor.flops(matmuls) == expected
+  # Each layer: three products per dense layer (4 of them), six for
+  # attention; the head: two dense layers.
+  assert len(matmuls) == sizes["layers"] * 18 + 6
+
+
+def test_matmul_floor_rejects_a_batch_it_cannot_slice():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import matmul_floor  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  with pytest.raises(ValueError, match="batch 5 .* 2 streams"):
+    matmul_floor.build(5, 2, seq_len=3, hidden=4, mlp_dim=4, num_layers=1,
+                       num_heads=2, codebook_size=3)
 
 
 def test_config_overrides_keep_types_and_name_bad_keys():
