@@ -17,6 +17,7 @@ LayerNorm scales), plus the tied logits head over the image codes
 (6 B S D codebook_size), which the analytic count leaves out.
 """
 
+import math
 from typing import Any, Callable, Dict, List, Tuple
 
 Shape = Tuple[int, ...]
@@ -65,21 +66,17 @@ def flops(matmuls: List[Tuple[str, Shape, Shape]]) -> float:
     sizes = {}
     for names, shape in zip(inputs.split(","), (lhs_shape, rhs_shape)):
       sizes.update(zip(names, shape))
-    product = 1
-    for size in sizes.values():
-      product *= size
-    total += 2.0 * product
+    total += 2.0 * math.prod(sizes.values())
   return total
 
 
-def build(batch: int, streams: int, chained: bool = True, **sizes
-          ) -> Tuple[Callable, Any, float]:
+def build(batch: int, streams: int, **sizes) -> Tuple[Callable, Any, float]:
   """(jitted fn, its operands, FLOPs per call) for `streams` slices of
   `batch / streams` examples each.
 
-  `chained` runs each slice's products one after another, as the step's
-  data dependencies do (a layer waits for the one before it), while the
-  slices run side by side; unchained, XLA may run any of them at once.
+  Each slice's products run one after another, as the step's data
+  dependencies make them (a layer waits for the one before it), while the
+  slices run side by side.
   """
   import jax
   import jax.numpy as jnp
@@ -99,9 +96,9 @@ def build(batch: int, streams: int, chained: bool = True, **sizes
     for stream in operands:
       previous = jnp.zeros(())
       for spec, (lhs, rhs) in zip(specs, stream):
-        if chained:  # The next product starts once this one is done.
-          previous, lhs, rhs = jax.lax.optimization_barrier(
-              (previous, lhs, rhs))
+        # The next product starts once this one is done.
+        previous, lhs, rhs = jax.lax.optimization_barrier(
+            (previous, lhs, rhs))
         previous = jnp.einsum(spec, lhs, rhs)
         outputs.append(previous)
     return outputs

@@ -205,15 +205,12 @@ def _matmul_floor(config, stage, repeats: int):
   """The step's matmuls alone (matmul_floor.py), in the step's slices; None
   where they would not be the step's (bfloat16, accumulated micro-batches)."""
   import matmul_floor
-  from maskgit_jax import streams
   from maskgit_jax.train import transformer_stage
   if config.dtype != "float32" or config.grad_accum_steps > 1:
     return None
   t = config.transformer
   return matmul_floor.measure(
-      config.batch_size,
-      streams.default_streams(config.batch_size,
-                              limit=transformer_stage.TRAIN_STREAMS),
+      config.batch_size, transformer_stage.train_streams(config.batch_size),
       repeats, seq_len=stage["num_tokens"] + 1, hidden=t.hidden_size,
       mlp_dim=t.mlp_dim, num_layers=t.num_layers, num_heads=t.num_heads,
       codebook_size=stage["codebook_size"])
@@ -411,16 +408,15 @@ def summarize(args, config, ours: List[Dict[str, Any]],
     if key in first:
       result[key] = first[key]
   if "matmul_floor" in first:
-    floor_seconds = statistics.median(
-        r["matmul_floor"]["seconds_per_step"] for r in ours)
+    by_round = [r["matmul_floor"]["seconds_per_step"] for r in ours]
+    floor_seconds = statistics.median(by_round)
+    floor_flops = first["matmul_floor"]["flops_per_step"]
     result["matmul_floor"] = {
-        "seconds_per_step_by_round": [
-            r["matmul_floor"]["seconds_per_step"] for r in ours],
+        "seconds_per_step_by_round": by_round,
         "seconds_per_step": floor_seconds,
         "examples_per_s": batch / floor_seconds,
-        "flops_per_step": first["matmul_floor"]["flops_per_step"],
-        "flops_per_s": first["matmul_floor"]["flops_per_step"] /
-                       floor_seconds,
+        "flops_per_step": floor_flops,
+        "flops_per_s": floor_flops / floor_seconds,
         "streams": first["matmul_floor"]["streams"],
         "step_over_floor": seconds / floor_seconds}
   if peer:

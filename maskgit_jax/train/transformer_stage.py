@@ -88,6 +88,11 @@ def model_inputs(rng: jax.Array, tokens: jnp.ndarray, labels: jnp.ndarray,
 TRAIN_STREAMS = 2
 
 
+def train_streams(batch_size: int) -> int:
+  """How many independent slices a train step computes its batch in."""
+  return streams.default_streams(batch_size, limit=TRAIN_STREAMS)
+
+
 def training_logits(model: transformer_lib.MaskGITTransformer, params,
                     inputs: jnp.ndarray, rng: jax.Array) -> jnp.ndarray:
   """Logits over the image codes [B, S, codebook_size], with dropout.
@@ -102,8 +107,7 @@ def training_logits(model: transformer_lib.MaskGITTransformer, params,
       lambda x, rng: model.apply({"params": params}, x, deterministic=False,
                                  codes_only=True, rngs={"dropout": rng}),
       inputs, rng=rng,
-      num_streams=streams.default_streams(inputs.shape[0],
-                                          limit=TRAIN_STREAMS))
+      num_streams=train_streams(inputs.shape[0]))
 
 
 def _examples_with_masks(mask: jnp.ndarray) -> jnp.ndarray:
