@@ -178,6 +178,23 @@ def test_sample_categorical_never_picks_zero_probability():
   assert set(np.unique(np.asarray(tokens)).tolist()) <= {1, 3}
 
 
+def test_sample_categorical_across_search_blocks():
+  # 100 entries: four search blocks, the last one padded. Zero-probability
+  # entries sit on block edges and fill the third block entirely.
+  logits = np.random.default_rng(0).normal(size=100).astype(np.float32)
+  zero = [0, 31, 32, 63, 99] + list(range(64, 96))
+  logits[zero] = -np.inf
+  draws = 300_000
+  tokens, prob = sampling.sample_categorical(
+      jax.random.key(3), jnp.broadcast_to(jnp.asarray(logits), (draws, 100)))
+  tokens = np.asarray(tokens)
+  want = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+  assert not np.isin(tokens, zero).any()
+  assert_close_to_distribution(np.bincount(tokens, minlength=100) / draws,
+                               want, draws)
+  np.testing.assert_allclose(prob, want[tokens], rtol=1e-5)
+
+
 def test_sharded_batch_matches_single_device():
   assert jax.device_count() == 8
   f = random_logits_fn()
