@@ -89,7 +89,12 @@ def sample_categorical(rng: jax.Array, logits: jnp.ndarray,
   u = jax.random.uniform(rng, logits.shape[:-1] + (1,)) * total
   block = jnp.minimum(jnp.sum(block_cdf <= u, axis=-1),
                       _last_positive(block_mass))
-  before = jnp.take_along_axis(block_cdf - block_mass, block[..., None], -1)
+  # The mass before the chosen block, exactly as the comparison above saw it
+  # (so it is <= u, and leading zero-mass entries of the block count as
+  # passed, never drawn).
+  exclusive = jnp.concatenate(
+      [jnp.zeros_like(total), block_cdf[..., :-1]], axis=-1)
+  before = jnp.take_along_axis(exclusive, block[..., None], axis=-1)
   mass = jnp.exp(jnp.take_along_axis(
       blocks, block[..., None, None], axis=-2)[..., 0, :] - top)
   inside = jnp.minimum(
