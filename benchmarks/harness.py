@@ -6,9 +6,12 @@ the trainer's entry point sets it): without it XLA:CPU faults its buffers
 back in on every call (13-19% of a train step here, up to 2x with other
 thresholds), so every side of a comparison gets the same setting.
 
-FLOP utilisation is measured against the best float32 matmul rate that the
-same kind of process reaches on the same machine (`peak_matmul`), not a
-datasheet number, so a 2-core VM and an accelerator are judged alike.
+FLOP utilisation is measured against the best matmul rate, in the
+benchmark's own dtype, that the same kind of process reaches on the same
+machine (`peak_matmul`), not a datasheet number, so a 2-core VM and an
+accelerator are judged alike. On accelerators with a published dense
+bfloat16 peak (`NOMINAL_BF16_PEAKS`, or --nominal_peak) a bfloat16 record
+also gives the MFU against that datasheet number, as papers report it.
 Nothing here imports jax at module level: a parent that only starts workers
 stays light, and a PyTorch worker never loads XLA for nothing.
 """
@@ -160,12 +163,14 @@ def xla_flops(compiled) -> float:
   return float(sum(part.get("flops", 0.0) for part in analysis or ()))
 
 
-def peak_matmul(sizes: Sequence[int] = (2048, 4096),
-                repeats: int = 3) -> Dict[str, Any]:
-  """The best float32 rate of a jitted n x n matmul over `sizes`.
+def peak_matmul(sizes: Sequence[int] = (2048, 4096), repeats: int = 3,
+                dtype: str = "float32") -> Dict[str, Any]:
+  """The best rate of a jitted n x n matmul in `dtype` over `sizes`.
 
   Measured in the calling process, so it shares the benchmark's threads,
-  malloc setting and XLA flags: {"flops_per_s": best, "by_size": {n: rate}}.
+  malloc setting and XLA flags: {"flops_per_s": best, "by_size": {n:
+  rate}, "dtype": dtype}. A bfloat16 step is judged against bfloat16
+  matmuls (tensor cores on a GPU), a float32 one against float32.
   """
   import jax
   import jax.numpy as jnp
@@ -173,12 +178,67 @@ def peak_matmul(sizes: Sequence[int] = (2048, 4096),
   rates = {}
   for n in sizes:
     a_key, b_key = jax.random.split(jax.random.key(n))
-    a = jax.random.normal(a_key, (n, n), jnp.float32)
-    b = jax.random.normal(b_key, (n, n), jnp.float32)
+    a = jax.random.normal(a_key, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(b_key, (n, n), jnp.float32).astype(dtype)
     seconds = median_seconds(lambda: matmul(a, b).block_until_ready(),
                              repeats)
     rates[str(n)] = 2.0 * n**3 / seconds
-  return {"flops_per_s": max(rates.values()), "by_size": rates}
+  return {"flops_per_s": max(rates.values()), "by_size": rates,
+          "dtype": str(dtype)}
+
+
+# Dense (no sparsity) bfloat16 peaks per chip from the vendors' datasheets,
+# matched against jax's device_kind in this order (specific names first).
+NOMINAL_BF16_PEAKS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.4e12),      # SXM5, device_kind "NVIDIA H100 80GB HBM3"
+    ("H200", 989.4e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),       # v5p
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v6e", 918e12),
+)
+
+
+def nominal_peak(device_kind: str, dtype: str) -> Optional[float]:
+  """The datasheet dense peak FLOP/s of one chip for `dtype`, if known.
+
+  Only bfloat16 is tabulated: a float32 matmul's rate on an accelerator
+  depends on its precision setting (TF32 on NVIDIA GPUs), so it has no
+  single datasheet number.
+  """
+  if dtype != "bfloat16":
+    return None
+  kind = device_kind.lower()
+  for name, flops in NOMINAL_BF16_PEAKS:
+    if name.lower() in kind:
+      return flops
+  return None
+
+
+def utilization(achieved: float, peak: Mapping[str, Any], device_kind: str,
+                nominal_override: Optional[float] = None) -> Dict[str, Any]:
+  """The record's utilisation fields: against the measured matmul peak,
+  and (MFU) against one chip's datasheet peak where one is known."""
+  nominal = nominal_override or nominal_peak(device_kind, peak["dtype"])
+  if nominal_override:
+    source = "--nominal_peak"
+  elif nominal:
+    source = f"datasheet dense {peak['dtype']} peak of {device_kind!r}"
+  else:
+    source = (f"none known for {device_kind!r} in {peak['dtype']}; pass "
+              "--nominal_peak=FLOPS")
+  return {"peak_matmul_flops_per_s": peak["flops_per_s"],
+          "peak_matmul_by_size": peak["by_size"],
+          "peak_matmul_dtype": peak["dtype"],
+          "flop_utilization": achieved / peak["flops_per_s"],
+          "nominal_peak_flops_per_s": nominal,
+          "nominal_peak_source": source,
+          "mfu": achieved / nominal if nominal else None}
 
 
 # --- the record -------------------------------------------------------------
@@ -250,16 +310,23 @@ def add_common_flags(parser, repeats_help: str) -> None:
                       help="fresh worker processes (per side, alternating)")
   parser.add_argument("--repeats", type=int, default=5, help=repeats_help)
   parser.add_argument("--peak_sizes", default="2048,4096",
-                      help="matmul sizes for the float32 peak")
+                      help="matmul sizes for the measured peak")
   parser.add_argument("--peak_repeats", type=int, default=3)
+  parser.add_argument("--nominal_peak", type=float, default=None,
+                      help="one chip's datasheet peak FLOP/s for the MFU "
+                      "(default: harness.NOMINAL_BF16_PEAKS for bfloat16)")
   parser.add_argument("--out", default=None, help="JSON file for the result")
 
 
 def require_positive(parser, args, names: Iterable[str]) -> None:
-  """Stops with a parser error naming the first count flag below 1."""
+  """Stops with a parser error naming the first count flag below 1 (or a
+  --nominal_peak that is not positive)."""
   for name in names:
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)}: must be >= 1.")
+  nominal = getattr(args, "nominal_peak", None)
+  if nominal is not None and not nominal > 0:
+    parser.error(f"--nominal_peak={nominal}: must be > 0 (FLOP/s).")
 
 
 def peak_sizes(text: str) -> List[int]:

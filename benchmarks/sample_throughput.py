@@ -11,7 +11,9 @@ with guidance samples with guidance, as its trained model would.
 
 Each round is a fresh worker process (harness.FIXED_MALLOC): it compiles
 with one untimed call, takes the median of --repeats calls, then measures
-the machine's float32 matmul peak (harness.peak_matmul) in the same process.
+the machine's float32 matmul peak (harness.peak_matmul) in the same process
+(with --nominal_peak the record adds the MFU against that datasheet
+figure).
 
 FLOPs counted per call: the transformer analytically, 2 N B S + 4 L S^2 D B
 per forward pass (N = parameters other than the token and position
@@ -156,7 +158,7 @@ def summarize(args, rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
   seconds = statistics.median(r["seconds_per_call"] for r in rounds)
   model_flops = (first["transformer_flops_per_call"] +
                  first["decoder_flops_per_call"])
-  peak = max(r["peak"]["flops_per_s"] for r in rounds)
+  peak = max((r["peak"] for r in rounds), key=lambda p: p["flops_per_s"])
   achieved = model_flops / seconds
   result = {
       "benchmark": "sample_throughput", "config": args.config,
@@ -185,9 +187,8 @@ def summarize(args, rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
       "xla_flops_per_call": (first["xla_transformer_flops_per_call"] +
                              first["decoder_flops_per_call"]),
       "achieved_flops_per_s": achieved,
-      "peak_matmul_flops_per_s": peak,
-      "peak_matmul_by_size": first["peak"]["by_size"],
-      "flop_utilization": achieved / peak,
+      **harness.utilization(achieved, peak, first["machine"]["device_kind"],
+                            args.nominal_peak),
       "machine": first["machine"], "date": harness.now(),
       **harness.git_commit(),
   }
@@ -245,8 +246,9 @@ def main(argv=None) -> None:
     print(f"round {round_index + 1}: {rounds[-1]['seconds_per_call']:.4f} "
           "s/call", flush=True)
   result = summarize(args, rounds)
-  shown = ("images_per_s", "tokens_per_s", "flop_utilization")
-  print(json.dumps({k: result[k] for k in shown}))
+  shown = ("images_per_s", "tokens_per_s", "flop_utilization", "mfu")
+  print(json.dumps({k: result[k] for k in shown
+                    if result.get(k) is not None}))
   harness.write_json(args.out, result)
 
 

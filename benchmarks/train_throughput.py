@@ -7,8 +7,9 @@ tokenizer (its LPIPS weights, when the config uses them, are the step's
 constants). Each round is a fresh worker process (harness.FIXED_MALLOC);
 a worker compiles, runs one untimed repeat, then times `--repeats` repeats
 of `--steps` steps and takes the median. In the same process it measures
-the machine's float32 matmul peak (harness.peak_matmul), against which
-flop_utilization is given.
+the machine's matmul peak in the step's dtype (harness.peak_matmul),
+against which flop_utilization is given; for bfloat16 on an accelerator
+with a datasheet peak (or --nominal_peak) the record adds the MFU.
 
 Transformer FLOPs are analytic: 6 N B S + 12 L S^2 D B per step, N the
 parameters other than the token and position embeddings (so the tied
@@ -18,10 +19,11 @@ compiled step is reported beside it. A tokenizer's FLOPs are XLA's count
 losses.discriminator_start_step on, so the discriminator update that XLA
 counts also runs.
 
-The benchmark runs in float32 (`--set dtype=bfloat16` overrides that; the
-peak stays a float32 one). Sizes: `--set key.path=value` (repeatable) on
-top of `--config=file.py[:variant]`; a transformer's token grid comes from
---codebook_size / --num_tokens, else as `maskgit_jax.tools.plan` finds it.
+The benchmark runs in float32 (`--set dtype=bfloat16` overrides that, and
+the peak is then measured with bfloat16 matmuls). Sizes: `--set
+key.path=value` (repeatable) on top of `--config=file.py[:variant]`; a
+transformer's token grid comes from --codebook_size / --num_tokens, else as
+`maskgit_jax.tools.plan` finds it.
 
 With --peer_dir (a checkout of github.com/llvictorll/MaskGIT-pytorch; its
 code is read from there, never copied), rounds alternate ours / the peer's
@@ -196,7 +198,7 @@ def measure_ours(args) -> Dict[str, Any]:
     if floor:
       report["matmul_floor"] = floor
   report["peak"] = harness.peak_matmul(harness.peak_sizes(args.peak_sizes),
-                                       args.peak_repeats)
+                                       args.peak_repeats, config.dtype)
   report["machine"] = harness.machine_info()
   return report
 
@@ -377,7 +379,7 @@ def summarize(args, config, ours: List[Dict[str, Any]],
   else:
     tokens_per_example = first["num_tokens"]
     tokens_counted = "codes of the token grid per image"
-  peak = max(r["peak"]["flops_per_s"] for r in ours)
+  peak = max((r["peak"] for r in ours), key=lambda p: p["flops_per_s"])
   achieved = first["model_flops_per_step"] * steps_per_s
   result = {
       "benchmark": "train_throughput", "config": args.config,
@@ -397,9 +399,8 @@ def summarize(args, config, ours: List[Dict[str, Any]],
       "flops_source": first["flops_source"],
       "xla_flops_per_step": first["xla_flops_per_step"],
       "achieved_flops_per_s": achieved,
-      "peak_matmul_flops_per_s": peak,
-      "peak_matmul_by_size": first["peak"]["by_size"],
-      "flop_utilization": achieved / peak,
+      **harness.utilization(achieved, peak, first["machine"]["device_kind"],
+                            args.nominal_peak),
       "compile_seconds": first["compile_seconds"],
       "machine": first["machine"], "date": harness.now(),
       **harness.git_commit(),
@@ -434,7 +435,7 @@ def summarize(args, config, ours: List[Dict[str, Any]],
         "examples_per_s": batch / peer_seconds,
         "tokens_per_s": batch * tokens_per_example / peer_seconds,
         "achieved_flops_per_s": peer_achieved,
-        "flop_utilization": peer_achieved / peak}
+        "flop_utilization": peer_achieved / peak["flops_per_s"]}
     result["examples_per_s_ours_over_peer"] = (
         result["examples_per_s"] / result["peer"]["examples_per_s"])
     if "matmul_floor" in result:
@@ -526,9 +527,10 @@ def main(argv=None) -> None:
       line += f", peer {peer[-1]['seconds_per_step']:.4f}"
     print(line + " s/step", flush=True)
   result = summarize(args, config, ours, peer)
-  shown = ("examples_per_s", "tokens_per_s", "flop_utilization",
+  shown = ("examples_per_s", "tokens_per_s", "flop_utilization", "mfu",
            "examples_per_s_ours_over_peer")
-  print(json.dumps({k: result[k] for k in shown if k in result}))
+  print(json.dumps({k: result[k] for k in shown
+                    if result.get(k) is not None}))
   if "matmul_floor" in result:
     print("matmul floor: " + json.dumps(
         {k: v for k, v in result["matmul_floor"].items()

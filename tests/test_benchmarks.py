@@ -91,6 +91,11 @@ def test_train_throughput_transformer(tmp_path):
       record["examples_per_s"] * 17)
   assert record["flops_source"].startswith("analytic")
   assert record["non_embedding_params"] > 0
+  # A float32 step is judged against float32 matmuls; a CPU has no
+  # datasheet peak, so no MFU unless --nominal_peak gives one.
+  assert record["peak_matmul_dtype"] == "float32"
+  assert record["mfu"] is None and record["nominal_peak_flops_per_s"] is None
+  assert "--nominal_peak" in record["nominal_peak_source"]
   floor = record["matmul_floor"]
   assert floor["seconds_per_step"] > 0 and floor["streams"] == 2
   assert floor["examples_per_s"] == pytest.approx(
@@ -102,11 +107,26 @@ def test_train_throughput_transformer(tmp_path):
       batch=4, seq=17, hidden=32, mlp=32, layers=1, codes=16)
 
 
+def test_train_throughput_in_bfloat16_against_bfloat16_matmuls(tmp_path):
+  record = run_benchmark(
+      "train_throughput.py", "--config=configs/maskgit_fashion_mnist.py:tiny",
+      "--set=dtype=bfloat16", "--set=batch_size=2", "--codebook_size=16",
+      "--num_tokens=4", "--steps=1", "--nominal_peak=2e12",
+      tmp_path=tmp_path)
+  assert record["dtype"] == "bfloat16"
+  assert record["peak_matmul_dtype"] == "bfloat16"
+  assert "matmul_floor" not in record  # float32 products only
+  assert record["nominal_peak_source"] == "--nominal_peak"
+  assert record["mfu"] == pytest.approx(record["achieved_flops_per_s"] / 2e12)
+
+
 def test_sample_throughput(tmp_path):
   record = run_benchmark(
       "sample_throughput.py", "--config=configs/maskgit_fashion_mnist.py:tiny",
-      "--batch_size=2", tmp_path=tmp_path)
+      "--batch_size=2", "--nominal_peak=1e12", tmp_path=tmp_path)
   assert_record(record, SAMPLE_KEYS)
+  assert record["peak_matmul_dtype"] == "float32"
+  assert record["mfu"] == pytest.approx(record["achieved_flops_per_s"] / 1e12)
   assert record["tokenizer_config"] == "configs/vqgan_fashion_mnist.py:tiny"
   assert record["sampling"]["guidance_scale"] > 0  # the config's setting
   assert record["transformer_rows_per_forward"] == 4  # guided: 2 x batch
@@ -190,6 +210,51 @@ def test_matmul_floor_counts_the_steps_matmuls(sizes):
   # Each layer: three products per dense layer (4 of them), six for
   # attention; the head: two dense layers.
   assert len(matmuls) == sizes["layers"] * 18 + 6
+
+
+def _harness():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import harness  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return harness
+
+
+@pytest.mark.parametrize("kind, dtype, want", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H200", "bfloat16", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5", "bfloat16", 459e12),
+    ("TPU v4", "bfloat16", 275e12),
+    ("NVIDIA H100 80GB HBM3", "float32", None),
+    ("cpu", "bfloat16", None)])
+def test_nominal_peak_of_known_chips(kind, dtype, want):
+  assert _harness().nominal_peak(kind, dtype) == want
+
+
+def test_utilization_against_measured_and_datasheet_peaks():
+  harness = _harness()
+  peak = {"flops_per_s": 500e12, "by_size": {"4096": 500e12},
+          "dtype": "bfloat16"}
+  fields = harness.utilization(400e12, peak, "NVIDIA H100 80GB HBM3")
+  assert fields["flop_utilization"] == pytest.approx(0.8)
+  assert fields["mfu"] == pytest.approx(400 / 989.4)
+  assert "H100" in fields["nominal_peak_source"]
+  override = harness.utilization(400e12, peak, "NVIDIA H100 80GB HBM3",
+                                 nominal_override=800e12)
+  assert override["mfu"] == pytest.approx(0.5)
+  assert override["nominal_peak_source"] == "--nominal_peak"
+  unknown = harness.utilization(1e9, dict(peak, dtype="float32"), "cpu")
+  assert unknown["mfu"] is None
+
+
+def test_nominal_peak_flag_must_be_positive():
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "train_throughput.py"),
+       "--config=configs/maskgit_fashion_mnist.py:tiny", "--nominal_peak=0"],
+      capture_output=True, text=True, cwd=REPO, env=helpers.one_device_env())
+  assert result.returncode != 0
+  assert "--nominal_peak=0.0: must be > 0" in result.stderr
 
 
 def test_matmul_floor_rejects_a_batch_it_cannot_slice():
