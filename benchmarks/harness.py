@@ -193,7 +193,8 @@ NOMINAL_BF16_PEAKS = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989.4e12),      # SXM5, device_kind "NVIDIA H100 80GB HBM3"
-    ("H200", 989.4e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989.4e12),      # SXM
     ("A100", 312e12),
     ("TPU v4", 275e12),
     ("TPU v5 lite", 197e12),  # v5e

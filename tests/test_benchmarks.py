@@ -222,6 +222,7 @@ def _harness():
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
     ("NVIDIA H100 PCIe", "bfloat16", 756e12),
     ("NVIDIA H200", "bfloat16", 989.4e12),
+    ("NVIDIA H200 NVL", "bfloat16", 835e12),
     ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
     ("TPU v5 lite", "bfloat16", 197e12),
     ("TPU v5", "bfloat16", 459e12),
