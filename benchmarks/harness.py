@@ -16,6 +16,7 @@ Nothing here imports jax at module level: a parent that only starts workers
 stays light, and a PyTorch worker never loads XLA for nothing.
 """
 
+import argparse
 import ast
 import datetime
 import json
@@ -313,21 +314,26 @@ def add_common_flags(parser, repeats_help: str) -> None:
   parser.add_argument("--peak_sizes", default="2048,4096",
                       help="matmul sizes for the measured peak")
   parser.add_argument("--peak_repeats", type=int, default=3)
-  parser.add_argument("--nominal_peak", type=float, default=None,
+  parser.add_argument("--nominal_peak", type=_flops, default=None,
                       help="one chip's datasheet peak FLOP/s for the MFU "
                       "(default: harness.NOMINAL_BF16_PEAKS for bfloat16)")
   parser.add_argument("--out", default=None, help="JSON file for the result")
 
 
+def _flops(text: str) -> float:
+  """--nominal_peak's type: a positive FLOP/s figure."""
+  value = float(text)
+  if not value > 0:
+    raise argparse.ArgumentTypeError(
+        f"--nominal_peak={value}: must be > 0 (FLOP/s).")
+  return value
+
+
 def require_positive(parser, args, names: Iterable[str]) -> None:
-  """Stops with a parser error naming the first count flag below 1 (or a
-  --nominal_peak that is not positive)."""
+  """Stops with a parser error naming the first count flag below 1."""
   for name in names:
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)}: must be >= 1.")
-  nominal = getattr(args, "nominal_peak", None)
-  if nominal is not None and not nominal > 0:
-    parser.error(f"--nominal_peak={nominal}: must be > 0 (FLOP/s).")
 
 
 def peak_sizes(text: str) -> List[int]:
