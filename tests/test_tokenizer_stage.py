@@ -217,12 +217,18 @@ def test_four_micro_batches_take_the_whole_batch_tokenizer_step(run):
     lr = (config.optimizer if part == "generator"
           else config.d_optimizer).learning_rate
     # Adam's moments hold the gradient and its square: they must agree to
-    # float rounding of each leaf's scale.
+    # well within a wrong weighting of a micro-batch (a quarter of the batch
+    # here). All leaves but one layer's agree within 4e-6 of their largest
+    # entry. The discriminator's first convolution differed by up to 2.1e-4
+    # of it on a Zen 4 CPU, with micro-batches of 1 or 2 (not 4) and only
+    # under some XLA code generation settings (the suite's -O0 with the
+    # elemental emitters, or -O3), while its gradient alone, micro-batched
+    # or not, matched a float64 one within 2e-6 (2026-12-08).
     for a, b in zip(jax.tree.leaves(accumulated[part].opt_state),
                     jax.tree.leaves(large[part].opt_state), strict=True):
       a, b = np.asarray(a), np.asarray(b)
       np.testing.assert_allclose(a, b, rtol=1e-4,
-                                 atol=1e-5 * float(np.max(np.abs(b))),
+                                 atol=1e-3 * float(np.max(np.abs(b))),
                                  err_msg=f"{part} opt_state")
     # The discriminator's first Adam update is lr * g / (|g| + eps): for a
     # gradient entry near zero it turns float rounding into a sizeable part
