@@ -87,7 +87,7 @@ def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   # One GEMM per tile element, each straight from its own transform. Stacking
   # the 16 into one batched GEMM copied all of them once more (four times
   # the input's size): the released decoder's 256x256 convolutions took
-  # 192-199 ms that way, 156-159 ms this way (2 images, 2 CPU cores).
+  # 192-199 ms that way, 156-170 ms this way (2 images, 2 CPU cores).
   u = transform_kernel(kernel.astype(x.dtype))
   m = [[jnp.einsum("nrci,io->nrco", v[i][j], u[4 * i + j]) for j in range(4)]
        for i in range(4)]
