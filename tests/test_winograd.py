@@ -59,3 +59,20 @@ def test_vqgan_decoder_on_wide_maps_uses_winograd_with_the_same_images(
   monkeypatch.setattr(winograd, "MIN_CHANNELS", 10**9)
   assert not winograd.prefer_winograd((1, 64, 64, 128), 128)
   assert_close(with_winograd, decode(), 1e-5)
+
+
+def test_conv3x3_second_derivatives_are_the_direct_convolutions():
+  """An R1-style penalty (the squared input gradient) differentiated again:
+  the custom gradient's own gradients match XLA's convolution."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 3))
+
+  def penalty_gradients(conv3x3):
+    def penalty(kernel, x):
+      dx = jax.grad(lambda x: jnp.sum(jnp.tanh(conv3x3(x, kernel))))(x)
+      return jnp.sum(jnp.square(dx))
+    return jax.jit(jax.grad(penalty, argnums=(0, 1)))(kernel, x)
+
+  for got, want in zip(penalty_gradients(winograd.conv3x3),
+                       penalty_gradients(conv.xla_conv3x3), strict=True):
+    assert_close(got, want, 1e-5)
