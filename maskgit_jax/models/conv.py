@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskgit_jax.models import conv_gradient
 from maskgit_jax.models import winograd
 
 Dtype = Any
@@ -101,28 +102,10 @@ def kernel_gradient(x: jnp.ndarray, cotangent: jnp.ndarray) -> jnp.ndarray:
   return jnp.stack(taps).reshape((3, 3, channels, -1))
 
 
-@jax.custom_vjp
-def _conv3x3_gemm_kernel_gradient(x: jnp.ndarray,
-                                  kernel: jnp.ndarray) -> jnp.ndarray:
-  return xla_conv3x3(x, kernel)
-
-
-def _forward(x, kernel):
-  return xla_conv3x3(x, kernel), (x, kernel)
-
-
-def _backward(residuals, cotangent):
-  x, kernel = residuals
-  # The input's gradient is the same convolution of the cotangent with the
-  # kernel mirrored and its channels swapped; through this function again,
-  # so that second derivatives (the discriminator's R1 penalty) also take
-  # their kernel gradients as matrix multiplies.
-  mirrored = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-  return (_conv3x3_gemm_kernel_gradient(cotangent, mirrored),
-          kernel_gradient(x, cotangent))
-
-
-_conv3x3_gemm_kernel_gradient.defvjp(_forward, _backward)
+# XLA's convolution forward; its kernel gradients, first and second order
+# (the discriminator's R1 penalty), as matrix multiplies.
+_conv3x3_gemm_kernel_gradient = conv_gradient.with_gradients(
+    xla_conv3x3, kernel_gradient)
 
 
 def prefer_gemm_kernel_gradient(input_shape: Sequence[int], features: int,

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskgit_jax.models import conv_gradient
+
 # Input transform B^T, kernel transform G and output transform A^T.
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
@@ -134,28 +136,12 @@ def _kernel_gradient(x: jnp.ndarray, cotangent: jnp.ndarray) -> jnp.ndarray:
                     gt)
 
 
-@jax.custom_vjp
-def _conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-  return _winograd(x, kernel)
-
-
-def _forward(x, kernel):
-  return _winograd(x, kernel), (x, kernel)
-
-
-def _backward(residuals, cotangent):
-  # Autodiff of `_winograd`'s 16 separate GEMMs was slower than that of the
-  # stacked, batched form (2x256x256x128, 2 CPU cores: 1.1-2.1 s against
-  # 0.72 s for a sum of sines of the output). Instead, the input's gradient
-  # is the same convolution of the cotangent with the kernel mirrored and
-  # its channels swapped (through this function again, so second
-  # derivatives work too), and the kernel's is one batched GEMM in the
-  # transform domain. Only x is kept for it, not its 16 transforms. A
-  # swish-conv-swish block's gradient took 653-674 ms this way, 689-710 ms
-  # by autodiff of the stacked form and 2.2-2.3 s with XLA's convolution.
-  x, kernel = residuals
-  mirrored = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-  return _conv3x3(cotangent, mirrored), _kernel_gradient(x, cotangent)
-
-
-_conv3x3.defvjp(_forward, _backward)
+# Autodiff of `_winograd`'s 16 separate GEMMs was slower than that of the
+# stacked, batched form (2x256x256x128, 2 CPU cores: 1.1-2.1 s against 0.72 s
+# for a sum of sines of the output). Instead, the input's gradient is the
+# same Winograd convolution of the cotangent, and the kernel's is one
+# batched GEMM in the transform domain; only x is kept for it, not its 16
+# transforms. A swish-conv-swish block's gradient took 653-674 ms this way,
+# 689-710 ms by autodiff of the stacked form and 2.2-2.3 s with XLA's
+# convolution.
+_conv3x3 = conv_gradient.with_gradients(_winograd, _kernel_gradient)
