@@ -6,6 +6,7 @@ Each script runs as a subprocess on one CPU device, with one round and
 tiny matmuls for the peak, as a user would launch it.
 """
 
+import importlib
 import json
 import math
 import os
@@ -193,13 +194,20 @@ def step_matmul_flops(batch, seq, hidden, mlp, layers, codes):
           12 * layers * seq**2 * hidden * batch)
 
 
+def benchmark_module(name: str):
+  """A module of benchmarks/ (scripts there import each other by name)."""
+  folder = os.path.join(REPO, "benchmarks")
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  return importlib.import_module(name)
+
+
 @pytest.mark.parametrize("sizes", [
     dict(batch=32, seq=65, hidden=256, mlp=1024, layers=4, heads=8,
          codes=512),
     dict(batch=3, seq=5, hidden=12, mlp=20, layers=2, heads=3, codes=7)])
 def test_matmul_floor_counts_the_steps_matmuls(sizes):
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import matmul_floor  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  matmul_floor = benchmark_module("matmul_floor")
   matmuls = matmul_floor.step_matmuls(
       sizes["batch"], seq_len=sizes["seq"], hidden=sizes["hidden"],
       mlp_dim=sizes["mlp"], num_layers=sizes["layers"],
@@ -210,12 +218,6 @@ def test_matmul_floor_counts_the_steps_matmuls(sizes):
   # Each layer: three products per dense layer (4 of them), six for
   # attention; the head: two dense layers.
   assert len(matmuls) == sizes["layers"] * 18 + 6
-
-
-def _harness():
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import harness  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  return harness
 
 
 @pytest.mark.parametrize("kind, dtype, want", [
@@ -230,11 +232,11 @@ def _harness():
     ("NVIDIA H100 80GB HBM3", "float32", None),
     ("cpu", "bfloat16", None)])
 def test_nominal_peak_of_known_chips(kind, dtype, want):
-  assert _harness().nominal_peak(kind, dtype) == want
+  assert benchmark_module("harness").nominal_peak(kind, dtype) == want
 
 
 def test_utilization_against_measured_and_datasheet_peaks():
-  harness = _harness()
+  harness = benchmark_module("harness")
   peak = {"flops_per_s": 500e12, "by_size": {"4096": 500e12},
           "dtype": "bfloat16"}
   fields = harness.utilization(400e12, peak, "NVIDIA H100 80GB HBM3")
@@ -259,16 +261,14 @@ def test_nominal_peak_flag_must_be_positive():
 
 
 def test_matmul_floor_rejects_a_batch_it_cannot_slice():
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import matmul_floor  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  matmul_floor = benchmark_module("matmul_floor")
   with pytest.raises(ValueError, match="batch 5 .* 2 streams"):
     matmul_floor.build(5, 2, seq_len=3, hidden=4, mlp_dim=4, num_layers=1,
                        num_heads=2, codebook_size=3)
 
 
 def test_config_overrides_keep_types_and_name_bad_keys():
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import harness  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  harness = benchmark_module("harness")
   spec = os.path.join(REPO, "configs", "maskgit_fashion_mnist.py:tiny")
   config = harness.load_config(spec, [
       "batch_size=32", "transformer.hidden_size=256", "mask_schedule=linear",
