@@ -66,6 +66,13 @@ def test_identity_when_deterministic_or_rate_zero_and_gradient_is_the_mask():
       layer.apply({}, v, deterministic=False, rngs=rngs)))(x)
   np.testing.assert_array_equal(grad, multiplier)
   assert 0 < float(jnp.mean(multiplier == 0)) < 0.2
+  # keep_scale gives that multiplier without an input, or None where the
+  # layer passes its input through.
+  keep = layer.apply({}, x.shape, False, rngs=rngs, method="keep_scale")
+  np.testing.assert_array_equal(keep, multiplier)
+  assert layer.apply({}, x.shape, True, method="keep_scale") is None
+  assert dropout.Dropout(0.0).apply({}, x.shape, False, rngs=rngs,
+                                    method="keep_scale") is None
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])

@@ -124,17 +124,18 @@ def textbook_attention(params, x, num_heads):
                     params["out_kernel"]) + params["out_bias"]
 
 
-def test_attention_and_its_gradients_are_textbook_softmax_attention():
+@pytest.mark.parametrize("length", [9, 257])  # 257: in query blocks
+def test_attention_and_its_gradients_are_textbook_softmax_attention(length):
   """The fused attention (row-max shift without a gradient, division after
-  the value matmul) computes softmax attention, and so do its gradients
-  with respect to the input and every parameter."""
+  the value matmul, query blocks) computes softmax attention, and so do its
+  gradients with respect to the input and every parameter."""
   module = transformer_lib.SelfAttention(num_heads=4)
-  x = jax.random.normal(jax.random.key(0), (2, 9, 32)) * 3.0
+  x = jax.random.normal(jax.random.key(0), (2, length, 32)) * 3.0
   params = initialize(lambda key: module.init(key, x, True))["params"]
   np.testing.assert_allclose(
       jit_apply(module, {"params": params}, x, deterministic=True),
       textbook_attention(params, x, 4), rtol=1e-5, atol=1e-5)
-  probe = jax.random.normal(jax.random.key(1), (2, 9, 32))
+  probe = jax.random.normal(jax.random.key(1), (2, length, 32))
   ours = jax.jit(jax.grad(lambda p, x: jnp.sum(probe * module.apply(
       {"params": p}, x, True)), argnums=(0, 1)))(params, x)
   want = jax.grad(lambda p, x: jnp.sum(
@@ -143,6 +144,48 @@ def test_attention_and_its_gradients_are_textbook_softmax_attention():
                            strict=True):
     np.testing.assert_allclose(got, expected, rtol=1e-4,
                                atol=1e-4 * float(np.max(np.abs(expected))))
+
+
+@pytest.mark.parametrize("length, backend, blocks", [
+    (257, "cpu", [(0, 1), (1, 257)]),       # class token + 16x16 tokens
+    (401, "cpu", [(0, 145), (145, 401)]),
+    (512, "cpu", [(0, 256), (256, 512)]),
+    (256, "cpu", [(0, 256)]),
+    (65, "cpu", [(0, 65)]),
+    (1025, "cpu", [(0, 1025)]),
+    (257, "gpu", [(0, 257)]),
+    (257, "tpu", [(0, 257)])])
+def test_query_blocks(length, backend, blocks):
+  assert transformer_lib.query_blocks(length, backend) == blocks
+
+
+def test_attention_in_query_blocks_drops_what_the_whole_attention_drops(
+    monkeypatch):
+  """With dropout, attention in query blocks gives the outputs and
+  gradients of the same attention over all rows at once: each block
+  takes its own rows of one dropout mask."""
+  module = transformer_lib.SelfAttention(num_heads=2, dropout_rate=0.3)
+  x = jax.random.normal(jax.random.key(0), (1, 257, 16))
+  params = initialize(lambda key: module.init(key, x, True))["params"]
+  rngs = {"dropout": jax.random.key(2)}
+
+  def train_output_and_gradient():
+    run = lambda p, x: module.apply({"params": p}, x, False, rngs=rngs)
+    return jax.jit(run)(params, x), jax.jit(jax.grad(
+        lambda p, x: jnp.sum(jnp.sin(run(p, x))), argnums=(0, 1)))(params, x)
+
+  assert len(transformer_lib.query_blocks(257)) == 2
+  blocked = train_output_and_gradient()
+  monkeypatch.setattr(transformer_lib, "query_blocks",
+                      lambda length, backend=None: [(0, length)])
+  whole = train_output_and_gradient()
+  undropped = jit_apply(module, {"params": params}, x, deterministic=True)
+  assert (np.max(np.abs(blocked[0] - undropped))
+          > 0.1 * np.max(np.abs(undropped)))
+  for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole),
+                       strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5,
+                               atol=1e-5 * float(np.max(np.abs(want))))
 
 
 def test_dropout_only_in_training_and_bfloat16_compute():

@@ -16,6 +16,8 @@ the backward pass is one fused multiply; an element is dropped when its
 2^-32.
 """
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,7 +57,15 @@ class Dropout(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    keep = self.keep_scale(x.shape, deterministic, x.dtype)
+    return x if keep is None else x * keep
+
+  def keep_scale(self, shape, deterministic: bool,
+                 dtype=jnp.float32) -> Optional[jnp.ndarray]:
+    """The multiplier `__call__` would apply to an input of this shape
+    (the same bits), or None where it would pass the input through; for
+    callers that apply the mask to parts of an array one at a time."""
     if deterministic or self.rate == 0.0:
-      return x
-    rng = self.make_rng(self.rng_collection)
-    return x * keep_scale(rng, x.shape, self.rate, x.dtype)
+      return None
+    return keep_scale(self.make_rng(self.rng_collection), shape, self.rate,
+                      dtype)

@@ -21,7 +21,7 @@ as the official model uses it ran them on one); the parameters keep the
 official shapes ([H, heads, head_dim] per projection, stacked on axis 1).
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,51 @@ def truncated_normal(stddev: float) -> Callable:
 def gelu(x: jnp.ndarray) -> jnp.ndarray:
   """GELU with the tanh approximation, as BERT and the official model use."""
   return jax.nn.gelu(x, approximate=True)
+
+
+# XLA:CPU fuses each head's scores, softmax and weighted sum into one
+# kernel. With more than 256 query rows it slowed down sharply: over 257-450
+# positions (2 CPU cores, head size 32) the same attention ran 1.2-2.3x
+# faster in blocks of at most 256 query rows (8 x 257: 11.4 -> 5.6 ms);
+# with 600 or more positions blocks gained nothing (benchmarks/RESULTS.md).
+MAX_QUERY_ROWS = 256
+MAX_BLOCKED_LENGTH = 512
+
+
+def query_blocks(length: int, backend: Optional[str] = None
+                 ) -> List[Tuple[int, int]]:
+  """[start, stop) ranges of query rows that attention computes apart: on
+  CPU, for sequences of MAX_QUERY_ROWS to MAX_BLOCKED_LENGTH positions,
+  a short leading block (MaskGIT's class token and any remainder) and then
+  blocks of MAX_QUERY_ROWS; elsewhere all rows at once."""
+  if ((backend or jax.default_backend()) != "cpu"
+      or not MAX_QUERY_ROWS < length <= MAX_BLOCKED_LENGTH):
+    return [(0, length)]
+  starts = list(range(length % MAX_QUERY_ROWS or MAX_QUERY_ROWS, length,
+                      MAX_QUERY_ROWS))
+  return list(zip([0] + starts, starts + [length]))
+
+
+def attend(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
+           keep: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """softmax(query key^T) value per example and head, [B, heads, rows, D],
+  with the attention weights multiplied by `keep` (dropout's mask) if given.
+
+  The division by the softmax's sum comes after the value matmul: the same
+  numbers up to rounding, with rows * D divisions instead of rows * S, and
+  dropout commutes with it. The shift by the row maximum only keeps exp in
+  range: the result does not depend on it, so no gradient flows through it
+  (the backward pass skips the maximum's compare-and-select over the
+  scores).
+  """
+  logits = jnp.einsum("bnqd,bnkd->bnqk", query, key).astype(jnp.float32)
+  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  unnormalized = jnp.exp(logits - shift)
+  total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+  if keep is not None:
+    unnormalized = unnormalized * keep
+  return jnp.einsum("bnqk,bnkd->bnqd", unnormalized.astype(value.dtype),
+                    value) / total.astype(value.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -79,19 +124,12 @@ class SelfAttention(nn.Module):
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim) + qkv_bias
     query, key, value = jnp.transpose(qkv, (2, 0, 3, 1, 4))
     query = query * jnp.asarray(head_dim**-0.5, query.dtype)
-    logits = jnp.einsum("bnqd,bnkd->bnqk", query, key).astype(jnp.float32)
-    # Softmax with the division moved after the value matmul: the same
-    # numbers up to rounding, with S * head_dim divisions instead of S * S.
-    # Dropout commutes with the division, so training is unchanged too.
-    # The shift by the row maximum only keeps exp in range: the result does
-    # not depend on it, so no gradient flows through it (the backward pass
-    # skips the maximum's compare-and-select over [B, heads, S, S]).
-    shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    unnormalized = jnp.exp(logits - shift)
-    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    unnormalized = Dropout(self.dropout_rate)(unnormalized, deterministic)
-    context = jnp.einsum("bnqk,bnkd->bnqd", unnormalized.astype(self.dtype),
-                         value) / total.astype(self.dtype)
+    keep = Dropout(self.dropout_rate).keep_scale(
+        (batch, self.num_heads, length, length), deterministic)
+    context = jnp.concatenate([
+        attend(query[:, :, start:stop], key, value,
+               None if keep is None else keep[:, :, start:stop])
+        for start, stop in query_blocks(length)], axis=2)
     context = jnp.transpose(context, (0, 2, 1, 3)).reshape(
         batch * length, hidden)
     out = context @ out_kernel.reshape(hidden, hidden) + out_bias
