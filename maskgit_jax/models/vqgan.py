@@ -20,6 +20,7 @@ import numpy as np
 
 from maskgit_jax import streams
 from maskgit_jax.models.conv import Conv3x3
+from maskgit_jax.models.group_norm import GroupNorm
 
 Dtype = Any
 
@@ -104,7 +105,7 @@ class ResBlock(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     act = _activation(self.activation)
     conv = lambda name: Conv3x3(self.filters, self.dtype, name=name)
-    norm = lambda name: nn.GroupNorm(self.num_groups, dtype=self.dtype,
+    norm = lambda name: GroupNorm(self.num_groups, dtype=self.dtype,
                                      name=name)
     h = conv("conv1")(act(norm("norm1")(x)))
     h = conv("conv2")(act(norm("norm2")(h)))
@@ -145,7 +146,7 @@ class Encoder(nn.Module):
           x = average_pool_2x2(x)
     for i in range(self.num_res_blocks):
       x = block(filters, f"mid_res{i}")(x)
-    x = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(x)
+    x = GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(x)
     x = _activation(self.activation)(x)
     return nn.Conv(self.embedding_dim, (1, 1), dtype=self.dtype,
                    name="conv_out")(x)
@@ -176,7 +177,7 @@ class Decoder(nn.Module):
       if level > 0:
         x = UpsampleConv(filters, self.dtype,
                          name=f"level{level}_upsample_conv")(x)
-    x = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(x)
+    x = GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(x)
     x = _activation(self.activation)(x)
     return nn.Conv(self.output_channels, (3, 3), dtype=self.dtype,
                    name="conv_out")(x)
