@@ -51,7 +51,7 @@ def gelu(x: jnp.ndarray) -> jnp.ndarray:
 # kernel. With more than 256 query rows it slowed down sharply: over 257-450
 # positions (2 CPU cores, head size 32) the same attention ran 1.2-2.3x
 # faster in blocks of at most 256 query rows (8 x 257: 11.4 -> 5.6 ms);
-# with 600 or more positions blocks gained nothing (benchmarks/RESULTS.md).
+# with 513 or more positions blocks gained nothing (benchmarks/RESULTS.md).
 MAX_QUERY_ROWS = 256
 MAX_BLOCKED_LENGTH = 512
 
