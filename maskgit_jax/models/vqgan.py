@@ -106,7 +106,7 @@ class ResBlock(nn.Module):
     act = _activation(self.activation)
     conv = lambda name: Conv3x3(self.filters, self.dtype, name=name)
     norm = lambda name: GroupNorm(self.num_groups, dtype=self.dtype,
-                                     name=name)
+                                  name=name)
     h = conv("conv1")(act(norm("norm1")(x)))
     h = conv("conv2")(act(norm("norm2")(h)))
     if x.shape[-1] == self.filters:
